@@ -1,0 +1,23 @@
+# The two commands a fresh machine needs (README): `make demo` and `make test`.
+# Both create .venv on first use: torch's CPU build first (so pip never pulls a CUDA build),
+# then ladder itself with its pinned set.
+PY      ?= python3
+VENV    := .venv
+STAMP   := $(VENV)/.installed
+TORCH   ?= torch==2.13.0
+
+$(STAMP): pyproject.toml
+	test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/python -c "import torch" 2>/dev/null || $(VENV)/bin/pip install -q $(TORCH)
+	$(VENV)/bin/pip install -q -e '.[test]'
+	touch $(STAMP)
+
+.PHONY: venv demo test
+venv: $(STAMP)
+
+demo: $(STAMP)
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH ./train.sh --stage demo
+
+test: $(STAMP)
+	$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)

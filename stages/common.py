@@ -1,0 +1,120 @@
+"""Plumbing every stage shares: compose config.yaml, name the run folder, read and write manifests.
+
+Stages hand off through run folders, `outputs/<run>/<stage>/manifest.json`, never through globals.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = REPO / "config.yaml"
+SECTIONS = ("run", "launch", "model", "data", "sft", "eval", "ei", "grpo", "logging")
+
+if not OmegaConf.has_resolver("if"):
+    OmegaConf.register_new_resolver("if", lambda cond, a, b: a if cond else b)
+
+
+def load_config(stage: str | None, overrides: list[str], config_path: Path = CONFIG) -> DictConfig:
+    """config.yaml + `key=value` overrides. A key outside ladder's sections is a verl key of `stage`.
+
+    Composed with Hydra's compose API so override grammar (`+key=`, lists, `~key`) is Hydra's own.
+    """
+    from hydra import compose, initialize_config_dir
+
+    routed = []
+    for item in overrides:
+        key = item.split("=", 1)[0].lstrip("+~")
+        if "=" not in item and not item.startswith("~"):
+            raise ValueError(f"override {item!r} is not key=value")
+        if key.split(".", 1)[0] not in SECTIONS:
+            if stage not in ("sft", "ei", "grpo"):
+                raise ValueError(f"override {item!r}: '{key.split('.')[0]}' is not a section of "
+                                 f"{config_path.name} ({', '.join(SECTIONS)}) and stage {stage!r} "
+                                 "has no verl block to pass it to")
+            section = "sft" if stage == "ei" else stage
+            prefix = item[: len(item) - len(item.lstrip("+~"))]
+            item = f"{prefix}{section}.verl.{item.lstrip('+~')}"
+            # a verl key that config.yaml does not list yet must be added, not overridden
+            if not prefix and OmegaConf.select(_raw(config_path), item.split("=", 1)[0]) is None:
+                item = "+" + item
+        routed.append(item)
+    with initialize_config_dir(config_dir=str(config_path.parent), version_base=None):
+        cfg = compose(config_name=config_path.stem, overrides=routed)
+    return cfg
+
+
+_RAW: dict[Path, DictConfig] = {}
+
+
+def _raw(path: Path) -> DictConfig:
+    if path not in _RAW:
+        _RAW[path] = OmegaConf.load(path)
+    return _RAW[path]
+
+
+def flatten(node: Any, prefix: str = "") -> list[str]:
+    """A resolved config block as verl's dotted `key=value` overrides (lists in Hydra syntax)."""
+    if isinstance(node, DictConfig):
+        node = OmegaConf.to_container(node, resolve=True)
+    out = []
+    for key, value in node.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out += flatten(value, name + ".")
+        else:
+            out.append(f"{name}={_hydra_value(value)}")
+    return out
+
+
+def _hydra_value(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(_hydra_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{k}:{_hydra_value(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, str) and any(c in value for c in " ,[]{}=:'\"()"):
+        return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    return str(value)
+
+
+def run_name(cfg: DictConfig) -> str:
+    if cfg.run.name:
+        return str(cfg.run.name)
+    base = Path(str(cfg.model.path).rstrip("/")).name or "model"
+    return f"{base}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def stage_dir(cfg: DictConfig, stage: str) -> Path:
+    """outputs/<run>/<stage>; the run name is fixed into cfg on first use so all stages agree."""
+    if not cfg.run.name:
+        cfg.run.name = run_name(cfg)
+    return Path(cfg.run.output_dir) / str(cfg.run.name) / stage
+
+
+def write_manifest(folder: Path, **fields: Any) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    fields.setdefault("written_at", time.strftime("%Y-%m-%dT%H:%M:%S"))
+    path = folder / "manifest.json"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(fields, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def read_manifest(folder: Path) -> dict:
+    path = Path(folder)
+    path = path if path.name == "manifest.json" else path / "manifest.json"
+    return json.loads(path.read_text())
+
+
+def hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")

@@ -1,0 +1,78 @@
+"""A tiny random Qwen2-shaped model and a BPE tokenizer trained on the spot, for CPU tests.
+
+Nothing is downloaded: the tokenizer is trained on GSM8K text (or any text given), the model is
+random. The chat template is ChatML, as in Qwen2.5, so `<|im_end|>` ends every turn.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+CHATML = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+GSM8K = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "gsm8k"
+
+
+def corpus(limit: int = 2000) -> list[str]:
+    """Question and answer texts from GSM8K's train file, plus digits and the markers graders use."""
+    texts = ["#### 0 1 2 3 4 5 6 7 8 9 <answer> </answer> <think> </think> \\boxed{} $ % , ."]
+    path = GSM8K / "train.jsonl"
+    if path.exists():
+        with path.open() as f:
+            for i, line in enumerate(f):
+                if i >= limit:
+                    break
+                row = json.loads(line)
+                texts += [row["question"], row["answer"]]
+    return texts
+
+
+def build_tokenizer(out: Path, vocab_size: int = 600):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=SPECIAL,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    tok.train_from_iterator(corpus(), trainer=trainer)
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+        additional_special_tokens=SPECIAL[1:],
+    )
+    hf.chat_template = CHATML
+    hf.save_pretrained(out)
+    return hf
+
+
+def build_model(out: Path, seed: int = 0, hidden: int = 64, layers: int = 2) -> Path:
+    """Save a random Qwen2ForCausalLM with a trained tokenizer into `out`; return `out`."""
+    import torch
+    from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tok = build_tokenizer(out)
+    cfg = Qwen2Config(
+        vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
+        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=2048, tie_word_embeddings=True,
+        bos_token_id=tok.convert_tokens_to_ids("<|endoftext|>"),
+        eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"),
+        pad_token_id=tok.pad_token_id, torch_dtype="float32",
+    )
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(cfg)
+    model.generation_config = GenerationConfig(
+        eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id, do_sample=False,
+    )
+    model.save_pretrained(out)
+    return out
