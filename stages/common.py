@@ -58,6 +58,10 @@ def _raw(path: Path) -> DictConfig:
     return _RAW[path]
 
 
+# verl keys whose value is a free-form dict (empty in verl's schema): their items go as `++key.a=b`
+FREE_FORM = ("override_config", "apply_chat_template_kwargs", "engine_kwargs")
+
+
 def flatten(node: Any, prefix: str = "") -> list[str]:
     """A resolved config block as verl's dotted `key=value` overrides (lists in Hydra syntax)."""
     if isinstance(node, DictConfig):
@@ -65,7 +69,9 @@ def flatten(node: Any, prefix: str = "") -> list[str]:
     out = []
     for key, value in node.items():
         name = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
+        if isinstance(value, dict) and value and key in FREE_FORM:
+            out += ["++" + item for item in flatten(value, name + ".")]
+        elif isinstance(value, dict) and value:
             out += flatten(value, name + ".")
         else:
             out.append(f"{name}={_hydra_value(value)}")
