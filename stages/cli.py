@@ -87,7 +87,7 @@ def parser() -> argparse.ArgumentParser:
 
 def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     """Return the parsed flags and the override list they stand for (flags first, then key=value)."""
-    args = parser().parse_args(argv)
+    args = parser().parse_intermixed_args(argv)
     if args.demo:
         args.stage = "demo"
     section = {"ei": "sft", "all": "sft", "sweep": "sft", "demo": "sft", "data": "sft"}.get(args.stage, args.stage)
