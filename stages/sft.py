@@ -49,13 +49,16 @@ def data_files(cfg) -> tuple[str, str | None]:
 
 # ---- the verl command
 def loggers(cfg) -> list[str]:
-    names = ["console", "tensorboard", "file"]
-    if cfg.logging.wandb_project:
-        try:
-            import wandb  # noqa: F401
-            names.append("wandb")
-        except ImportError:
-            print("[sft] WANDB_PROJECT is set but wandb is not installed: logging without it")
+    """console + JSONL always; TensorBoard and wandb only when importable (a missing one is said)."""
+    from importlib.util import find_spec
+
+    names = ["console", "file"]
+    wanted = ["tensorboard"] + (["wandb"] if cfg.logging.wandb_project else [])
+    for name in wanted:
+        if find_spec(name) is None:
+            print(f"[ladder] {name} is not installed: logging without it")
+        else:
+            names.append(name)
     return names
 
 
