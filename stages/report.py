@@ -26,7 +26,7 @@ SECTION = re.compile(r"^(\d{3})-(.+)\.md$")
 def _cell(value) -> str:
     if isinstance(value, float):
         return f"{value:.4f}"
-    return str(value).replace("|", "\\|").replace("\n", " ")
+    return str(value).replace("|", "\\|").replace("<", "&lt;").replace("\n", " ")
 
 
 def table(header: list[str], rows: list[list]) -> str:
@@ -40,6 +40,13 @@ def metrics_table(metrics: dict, definitions: dict[str, str]) -> str:
     """One row per defined metric: name, value, what it means."""
     return table(["metric", "value", "definition"],
                  [[name, metrics.get(name, "n/a"), text] for name, text in definitions.items()])
+
+
+def console(metrics: dict, keys: list[str], title: str) -> str:
+    """A one-screen box of `keys` for the terminal."""
+    rows = [f"{k:<18}{metrics.get(k)!s:>10}" if not isinstance(metrics.get(k), float) else f"{k:<18}{metrics[k]:>10.4f}"
+            for k in keys]
+    return "\n".join(["-" * 28, title, "-" * 28, *rows, "-" * 28])
 
 
 def plot_vs_step(rows: list[dict], series: dict[str, str], folder: Path, prefix: str) -> list[Path]:

@@ -184,7 +184,9 @@ def finish(cfg, out: Path, train: str, val: str | None) -> int:
     exported = export(out / f"global_step_{step}", out, base_model=str(cfg.model.path),
                       lora=bool(cfg.model.use_lora))
     metrics = read_metrics(out)
-    nonfinite = [s for s, m in metrics.items() if not math.isfinite(m.get("train/grad_norm", 0.0))]
+    # verl logs a NaN/inf gradient norm as JSON null (and skips that optimizer step)
+    nonfinite = [s for s, m in metrics.items()
+                 if "train/grad_norm" in m and (m["train/grad_norm"] is None or not math.isfinite(m["train/grad_norm"]))]
     losses = [metrics[s]["train/loss"] for s in sorted(metrics) if "train/loss" in metrics[s]]
     write_manifest(out, stage="sft", status="done", base_model=str(cfg.model.path), lora=bool(cfg.model.use_lora),
                    global_step=step, hf_model=exported["hf"], adapter=exported.get("adapter"),

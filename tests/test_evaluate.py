@@ -1,0 +1,319 @@
+"""Eval stage: the HF backend end to end on the tiny model, metrics pinned on hand-made completions,
+fail-fast checks, vLLM's parameters against a fake `vllm` module, checkpoint curves and the report."""
+import importlib.machinery
+import json
+import shutil
+import sys
+import types
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from data_prep.templates import get as template
+from stages import evaluate, report
+from stages.__main__ import main as stages_main
+from stages.evaluate import METRICS, Generation, score
+
+EVAL = ["--stage", "eval", "--backend", "hf", "--device", "cpu", "--max_new_tokens", "16"]  # CPU even on a GPU host
+
+
+def problems(name: str, items: list[tuple[str, str]]) -> pd.DataFrame:
+    """data_prep's RL rows for (question, gold) pairs under template `name`."""
+    return pd.DataFrame([{"data_source": "openai/gsm8k", "ability": "math",
+                          "prompt": [{"role": "user", "content": template(name).prompt(q)}],
+                          "reward_model": {"style": "rule", "ground_truth": gold},
+                          "extra_info": {"split": "test", "index": i, "question": q, "answer": f"#### {gold}"}}
+                         for i, (q, gold) in enumerate(items)])
+
+
+def parquet(tmp_path: Path, name: str, items) -> Path:
+    path = tmp_path / f"{name}.parquet"
+    problems(name, items).to_parquet(path, index=False)
+    return path
+
+
+def lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def hf_run(tiny_model, gsm8k_dir, tmp_path_factory):
+    """8 GSM8K test problems, 16 new tokens, batches of 3: the real HF generate on the tiny model."""
+    out = tmp_path_factory.mktemp("hf") / "run" / "eval"
+    assert stages_main([*EVAL, "--init", str(tiny_model), "--limit", "8", "--eval_batch_size", "3",
+                        f"eval.output_dir={out}"]) == 0
+    return out
+
+
+# ---- the HF backend end to end
+def test_hf_end_to_end_writes_files_in_dataset_order(hf_run):
+    metrics = json.loads((hf_run / "metrics.json").read_text())
+    assert set(METRICS) | {"wall_seconds", "tokens_per_second", "gen_tokens", "backend", "model", "dataset"} \
+        <= set(metrics)
+    assert metrics["n"] == 8 and metrics["backend"] == "hf" and metrics["template"] == "gsm8k"
+    preds = lines(hf_run / "predictions.jsonl")
+    test = pd.read_parquet(metrics["dataset"]).head(8)
+    assert [p["question"] for p in preds] == [e["question"] for e in test["extra_info"]]
+    assert [p["ground_truth"] for p in preds] == [r["ground_truth"] for r in test["reward_model"]]
+    assert {"completion", "pred", "correct", "lenient", "format_ok", "finish_reason", "tokens"} <= set(preds[0])
+    truncated = [p for p in preds if p["finish_reason"] == "length"]
+    assert metrics["trunc_rate"] == len(truncated) / 8
+    assert all(p["tokens"] == 16 for p in truncated) and all(p["tokens"] <= 16 for p in preds)
+    assert metrics["avg_gen_len"] == sum(p["tokens"] for p in preds) / 8
+    assert metrics["gen_tokens"] == sum(p["tokens"] for p in preds)
+    assert json.loads((hf_run / "manifest.json").read_text())["stage"] == "eval"
+    assert "accuracy" in (hf_run.parent / "report.md").read_text()
+
+
+def test_stage_folder_init_writes_into_the_run_and_reuses_its_test_prompts(tiny_model, tmp_path):
+    from stages.common import write_manifest
+
+    run = tmp_path / "run"
+    write_manifest(run / "sft", stage="sft", status="done", hf_model=str(tiny_model))
+    (run / "data").mkdir()
+    problems("r1", [("2+2?", "4"), ("3+3?", "6")]).to_parquet(run / "data" / "rl_test.parquet")
+    (run / "data" / "prep.json").write_text(json.dumps({"dataset": "gsm8k", "template": "r1"}))
+    assert stages_main([*EVAL, "--init", str(run / "sft"), "--max_new_tokens", "4"]) == 0
+    metrics = json.loads((run / "eval" / "metrics.json").read_text())
+    assert (metrics["dataset"], metrics["template"], metrics["n"]) == (str(run / "data" / "rl_test.parquet"), "r1", 2)
+    assert metrics["model"] == str(tiny_model.resolve()) and (run / "report.md").exists()
+
+
+def test_hf_batches_longest_first_restores_order_and_halves_on_oom(tiny_model, tmp_path, monkeypatch):
+    """A stand-in generate echoes each prompt's question and runs out of memory above 2 rows."""
+    from transformers import Qwen2ForCausalLM
+
+    calls = []
+
+    def echo(self, input_ids, attention_mask, max_new_tokens, **kw):
+        calls.append(tuple(input_ids.shape))
+        if input_ids.shape[0] > 2:
+            raise torch.OutOfMemoryError("fake")
+        starts = attention_mask.argmax(1)  # left padding: the prompt starts at its first 1
+        assert (attention_mask.sum(1) + starts == input_ids.shape[1]).all()
+        new = torch.stack([input_ids[i, s + 3: s + 3 + max_new_tokens] for i, s in enumerate(starts.tolist())])
+        return torch.cat([input_ids, new], 1)
+
+    monkeypatch.setattr(Qwen2ForCausalLM, "generate", echo)
+    items = [("What is one?", "1"), ("A much longer question about apples and pears, counted?", "2"),
+             ("Two?", "2"), ("Some medium question here?", "3"), ("Five plus five?", "10")]
+    out = tmp_path / "eval"
+    assert stages_main([*EVAL, "--init", str(tiny_model), "--max_new_tokens", "4",
+                        f"eval.dataset={parquet(tmp_path, 'gsm8k', items)}", f"eval.output_dir={out}"]) == 0
+    assert [rows for rows, _ in calls] == [5, 5, 5, 4, 2, 2, 1]  # 32 → 16 → 8 → 4 → 2 rows per batch
+    widths = [width for rows, width in calls[4:]]
+    assert widths == sorted(widths, reverse=True)  # longest prompts first
+    for (question, _), p in zip(items, lines(out / "predictions.jsonl")):
+        assert p["completion"].strip() and question.startswith(p["completion"].strip()), (question, p)
+
+
+def test_real_generate_honours_stop_strings_eos_and_length(tiny_model, tmp_path, monkeypatch):
+    """transformers' own generate (stop_strings, EOS, padding); the model's logits follow a script per prompt."""
+    from transformers import AutoTokenizer, Qwen2ForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    stop_text, eos_text = "<think>3*4</think> <answer>12</answer>", "<answer>2"
+    scripts = {"What is 3 times 4?": tok.encode(stop_text + " and then more words"),
+               "Add 1 and 1.": tok.encode(eos_text) + [tok.eos_token_id],
+               "Half of 8?": tok.encode(" 1" * 40)}
+    assert scripts["What is 3 times 4?"][: len(tok.encode(stop_text))] == tok.encode(stop_text)
+    forward, state = Qwen2ForCausalLM.forward, {}
+
+    def scripted(self, input_ids=None, **kw):
+        out = forward(self, input_ids=input_ids, **kw)
+        if input_ids.shape[1] > 1:  # prefill: which question is in which row
+            texts = tok.batch_decode(input_ids)
+            state.update(t=0, rows=[next(v for q, v in scripts.items() if q in text) for text in texts])
+        logits = torch.full_like(out.logits[:, -1:], -1e4)
+        for i, script in enumerate(state["rows"]):
+            logits[i, -1, script[min(state["t"], len(script) - 1)]] = 0.0
+        state["t"] += 1
+        out.logits = logits
+        return out
+
+    monkeypatch.setattr(Qwen2ForCausalLM, "forward", scripted)
+    data = parquet(tmp_path, "r1", [(q, "12" if "3" in q else "2" if "1" in q else "4") for q in scripts])
+    for size in ("null", "1"):
+        out = tmp_path / f"eval-{size}"
+        assert stages_main([*EVAL, "--init", str(tiny_model), "--max_new_tokens", "32", f"eval.batch_size={size}",
+                            f"eval.dataset={data}", f"eval.output_dir={out}"]) == 0
+        preds = lines(out / "predictions.jsonl")
+        assert [(p["completion"], p["finish_reason"], p["tokens"]) for p in preds] == [
+            (stop_text, "stop", len(tok.encode(stop_text))), (eos_text, "stop", len(tok.encode(eos_text)) + 1),
+            (tok.decode(scripts["Half of 8?"][:32]), "length", 32)]
+        assert [(p["correct"], p["unclosed"]) for p in preds] == [(True, False), (True, True), (False, False)]
+
+
+def test_finish_cuts_at_stop_string_or_eos_and_counts_tokens(tiny_model):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    eos = {tok.eos_token_id}
+    head = tok.encode("<think> 2 </think> <answer>4</answer>")
+    g = evaluate.finish(tok, head + tok.encode(" 5 6 7"), eos, ("</answer>",))
+    assert (g.text, g.finish_reason, g.tokens) == ("<think> 2 </think> <answer>4</answer>", "stop", len(head))
+    g = evaluate.finish(tok, tok.encode("#### 4") + [tok.eos_token_id, tok.pad_token_id], eos, ())
+    assert (g.text, g.finish_reason, g.tokens) == ("#### 4", "stop", len(tok.encode("#### 4")) + 1)
+    g = evaluate.finish(tok, tok.encode("1 2 3"), eos, ("</answer>",))
+    assert (g.finish_reason, g.tokens) == ("length", len(tok.encode("1 2 3")))
+
+
+# ---- metrics on hand-made completions
+def test_metrics_r1_right_wrong_truncated_unclosed_unparsable():
+    df = problems("r1", [("q", "4")] * 5)
+    gens = [Generation("<think>2+2</think> <answer>4</answer>", "stop", 10),   # right
+            Generation("<think>2+3</think> <answer>5</answer>", "stop", 8),    # wrong
+            Generation("<think>it is 2 plus 2 so 4", "length", 16),            # truncated, lenient-right
+            Generation("<think>2+2</think> <answer>4", "length", 16),          # unclosed (grader still reads 4)
+            Generation("I do not know", "stop", 4)]                            # unparsable
+    metrics, records = score(df, gens, "r1")
+    assert metrics == {"n": 5, "accuracy": 0.4, "lenient_accuracy": 0.6, "format_accuracy": 0.6,
+                       "unparsable_rate": 0.4, "trunc_rate": 0.4, "unclosed_rate": 0.2,
+                       "avg_gen_len": 10.8, "p90_gen_len": 16.0}
+    assert [r["correct"] for r in records] == [True, False, False, True, False]
+    assert [r["unclosed"] for r in records] == [False, False, False, True, False]
+    assert [r["pred"] for r in records] == ["4", "5", None, "4", None]
+
+
+def test_metrics_gsm8k_unclosed_means_truncated_without_hashes():
+    df = problems("gsm8k", [("q", "18"), ("q", "72"), ("q", "7"), ("q", "3")])
+    gens = [Generation("16 - 3 - 4 = 9\n#### 18", "stop", 12),
+            Generation("48 + 24 = 72 and then", "length", 20),  # unclosed: cut before its #### line
+            Generation("so\n#### 7", "length", 20),             # truncated after the answer: closed
+            Generation("#### 4", "stop", 3)]
+    metrics, _ = score(df, gens, "gsm8k")
+    assert metrics == {"n": 4, "accuracy": 0.5, "lenient_accuracy": 0.75, "format_accuracy": 0.75,
+                       "unparsable_rate": 0.25, "trunc_rate": 0.5, "unclosed_rate": 0.25,
+                       "avg_gen_len": 13.75, "p90_gen_len": 20.0}
+
+
+# ---- fail fast, before any generation
+@pytest.mark.parametrize("remove, message", [
+    ("tokenizer.json", "no tokenizer"), ("model.safetensors", "no weights"), ("config.json", "no config.json"),
+    ("chat_template.jinja", "no chat template")])
+def test_fail_fast_on_a_broken_model_folder(tiny_model, tmp_path, monkeypatch, remove, message):
+    monkeypatch.setattr(evaluate, "hf_generate", lambda *a, **k: pytest.fail("generated"))
+    broken = tmp_path / "model"
+    shutil.copytree(tiny_model, broken)
+    (broken / remove).unlink()
+    with pytest.raises(SystemExit, match=message):
+        stages_main([*EVAL, "--init", str(broken), f"eval.output_dir={tmp_path / 'eval'}"])
+    assert not (tmp_path / "eval").exists()
+
+
+def test_fail_fast_on_a_bad_path(tmp_path):
+    with pytest.raises(SystemExit, match="no such run, stage, checkpoint or model folder"):
+        stages_main([*EVAL, "--init", str(tmp_path / "nope"), f"eval.output_dir={tmp_path / 'eval'}"])
+    with pytest.raises(SystemExit, match="no global_step_N folders"):
+        stages_main([*EVAL, "--init", str(tmp_path), "--all_checkpoints"])
+
+def test_fail_fast_on_a_missing_or_malformed_test_set(tiny_model, tmp_path):
+    with pytest.raises(SystemExit, match="no such file"):
+        stages_main([*EVAL, "--init", str(tiny_model), f"eval.dataset={tmp_path / 'x.parquet'}"])
+    pd.DataFrame({"question": ["q"]}).to_parquet(tmp_path / "bad.parquet")
+    with pytest.raises(SystemExit, match="missing column"):
+        stages_main([*EVAL, "--init", str(tiny_model), f"eval.dataset={tmp_path / 'bad.parquet'}",
+                     f"eval.output_dir={tmp_path / 'eval'}"])
+
+
+# ---- vLLM: parameters, prompts and metrics against a fake module
+def fake_vllm(monkeypatch, completions: list[Generation]) -> dict:
+    seen: dict = {}
+
+    class LLM:
+        def __init__(self, **kw):
+            seen["llm"] = kw
+
+        def generate(self, prompts, params, use_tqdm=True):
+            seen["prompts"], seen["params"] = prompts, params.kw
+            return [types.SimpleNamespace(outputs=[types.SimpleNamespace(
+                text=g.text, token_ids=[0] * g.tokens, finish_reason=g.finish_reason)]) for g in completions]
+
+    class SamplingParams:
+        def __init__(self, **kw):
+            self.kw = kw
+
+    module = types.ModuleType("vllm")
+    module.LLM, module.SamplingParams = LLM, SamplingParams
+    module.__spec__ = importlib.machinery.ModuleSpec("vllm", None)
+    monkeypatch.setitem(sys.modules, "vllm", module)
+    return seen
+
+
+def test_vllm_gets_the_same_prompts_and_gives_the_same_metrics(hf_run, tiny_model, tmp_path, monkeypatch):
+    hf = json.loads((hf_run / "metrics.json").read_text())
+    preds = lines(hf_run / "predictions.jsonl")
+    seen = fake_vllm(monkeypatch, [Generation(p["completion"], p["finish_reason"], p["tokens"]) for p in preds])
+    out = tmp_path / "eval"
+    assert stages_main(["--stage", "eval", "--backend", "vllm", "--max_new_tokens", "16", "--limit", "8",
+                        "--init", str(tiny_model), f"eval.dataset={hf['dataset']}", f"eval.output_dir={out}"]) == 0
+    vllm = json.loads((out / "metrics.json").read_text())
+    assert {k: vllm[k] for k in METRICS} == {k: hf[k] for k in METRICS} and vllm["backend"] == "vllm"
+    assert lines(out / "predictions.jsonl") == preds
+    assert seen["llm"] == {"model": str(tiny_model.resolve()), "max_model_len": 2048, "gpu_memory_utilization": 0.85,
+                           "tensor_parallel_size": 1, "dtype": "bfloat16", "seed": 42}
+    assert seen["params"] == {"temperature": 0, "max_tokens": 16, "stop": [], "include_stop_str_in_output": True}
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    first = tok.decode(seen["prompts"][0]["prompt_token_ids"])
+    assert first.startswith("<|im_start|>user\n" + preds[0]["question"]) and first.endswith("<|im_start|>assistant\n")
+
+
+def test_vllm_r1_stops_at_answer_and_auto_picks_vllm_on_gpu(tiny_model, tmp_path, monkeypatch):
+    seen = fake_vllm(monkeypatch, [Generation("<think>1</think> <answer>4</answer>", "stop", 9),
+                                   Generation("<think>1</think> <answer>4", "length", 32)])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    out = tmp_path / "eval"
+    data = parquet(tmp_path, "r1", [("2+2?", "4"), ("2+2?", "4")])
+    assert stages_main(["--stage", "eval", "--init", str(tiny_model), "--max_new_tokens", "32",
+                        f"eval.dataset={data}", f"eval.output_dir={out}"]) == 0
+    assert seen["params"]["stop"] == ["</answer>"] and seen["params"]["max_tokens"] == 32
+    metrics = json.loads((out / "metrics.json").read_text())
+    got = (metrics["backend"], metrics["template"], metrics["accuracy"], metrics["unclosed_rate"])
+    assert got == ("vllm", "r1", 1.0, 0.5)
+
+
+# ---- checkpoint curves and the report
+def test_all_checkpoints_curve_best_plots_and_report(tiny_model, tmp_path):
+    from tests.tiny import build_model
+
+    sft = tmp_path / "run" / "sft"
+    shutil.copytree(tiny_model, sft / "global_step_2" / "huggingface")
+    build_model(sft / "global_step_10" / "huggingface", seed=1)
+    data = parquet(tmp_path, "gsm8k", [("What is 3 times 4?", "12"), ("Add 1 and 1.", "2"), ("Half of 8?", "4")])
+    argv = [*EVAL, "--init", str(sft), "--all_checkpoints", "--max_new_tokens", "8", f"eval.dataset={data}"]
+    assert stages_main(argv) == 0
+    out = tmp_path / "run" / "eval"  # the run folder comes from --init
+    curve = lines(out / "curve.jsonl")
+    assert [r["step"] for r in curve] == [2, 10] and all(set(METRICS) <= set(r) for r in curve)
+    best = json.loads((out / "best.json").read_text())
+    top = max(r["accuracy"] for r in curve)
+    assert best["step"] == next(r["step"] for r in curve if r["accuracy"] == top)
+    assert (out / "best").resolve() == (out / f"step_{best['step']}").resolve()
+    assert all((out / f"step_{s}" / "predictions.jsonl").exists() for s in (2, 10))
+    figures = sorted(p.name for p in (tmp_path / "run" / "report" / "figures").glob("*.png"))
+    assert figures == [f"eval-gsm8k_{k}.png" for k in ("accuracy", "avg_gen_len", "format_accuracy", "trunc_rate")]
+    text = (tmp_path / "run" / "report.md").read_text()
+    assert all(f"| {name} |" in text for name in METRICS)
+    assert all(f"](report/figures/{f})" in text for f in figures)
+    stamp = (out / "step_2" / "predictions.jsonl").stat().st_mtime_ns
+    assert stages_main(argv) == 0  # a rerun reuses the step results and replaces the section
+    assert (out / "step_2" / "predictions.jsonl").stat().st_mtime_ns == stamp
+    assert (tmp_path / "run" / "report.md").read_text().count("## Evaluation on gsm8k over checkpoints") == 1
+
+
+def test_report_sections_replace_and_keep_stage_order(tmp_path):
+    report.add_section(tmp_path, "grpo", "GRPO", "g1")
+    report.add_section(tmp_path, "eval", "Evaluation", "e1")
+    report.add_section(tmp_path, "ei-round-10", "EI round 10", "r10")
+    report.add_section(tmp_path, "ei-round-2", "EI round 2", "r2")
+    path = report.add_section(tmp_path, "eval", "Evaluation", "e2")
+    text = path.read_text()
+    assert text.count("## Evaluation") == 1 and "e2" in text and "e1" not in text
+    order = [text.index(s) for s in ("## Evaluation", "## EI round 2", "## EI round 10", "## GRPO")]
+    assert order == sorted(order)
+    with pytest.raises(ValueError):
+        report.add_section(tmp_path, "bad key", "x", "y")
