@@ -177,6 +177,9 @@ def run(cfg, args) -> int:
 def finish(cfg, out: Path, train: str, val: str | None) -> int:
     from stages.export import export
 
+    if int(cfg.launch.node_rank) != 0:  # verl's rank 0 (on node 0) writes the full checkpoint
+        print(f"[sft] node {cfg.launch.node_rank} done; node 0 exports and writes the manifest")
+        return 0
     step = latest_step(out)
     if not step:
         print(f"[sft] no checkpoint in {out}", file=sys.stderr)
