@@ -21,8 +21,9 @@ from stages.common import stage_dir
 
 DEMO = {  # what the demo changes from config.yaml, unless the user set it
     "launch.device": "cpu", "launch.n_gpus": 1, "data.train_size": 64, "sft.epochs": 1,
-    "sft.batch_size": 16, "sft.micro_batch_size": 4, "sft.max_length": 512,
-    "sft.verl.data.max_token_len_per_gpu": 2048, "model.gradient_checkpointing": False,
+    "sft.batch_size": 16, "sft.micro_batch_size": 4, "sft.max_length": 1024,
+    "sft.verl.data.max_token_len_per_gpu": 4096, "sft.verl.data.num_workers": 0,
+    "model.gradient_checkpointing": False, "sft.lr": 1e-3,
     "eval.limit": 32, "eval.max_new_tokens": 48, "eval.backend": "hf", "eval.batch_size": 16,
 }
 
@@ -80,7 +81,7 @@ def run(cfg, args) -> int:
     if rc:
         return rc
     metrics = json.loads((stage_dir(cfg, "eval") / "metrics.json").read_text())
-    summary = {"run": str(stage_dir(cfg, "").parent), "seconds": round(time.time() - t0, 1),
+    summary = {"run": str(stage_dir(cfg, "demo").parent), "seconds": round(time.time() - t0, 1),
                **refs, "eval": {k: metrics[k] for k in ("n", "accuracy", "format_accuracy", "trunc_rate")}}
     (stage_dir(cfg, "demo")).mkdir(parents=True, exist_ok=True)
     (stage_dir(cfg, "demo") / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
