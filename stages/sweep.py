@@ -69,7 +69,7 @@ def write_results(root: Path, rows: list[dict]) -> None:
     try:
         from stages.report import add_section
 
-        add_section(root.parent, "Sweep", md, [figure])
+        add_section(root.parent, "sweep", "Data / learning-rate sweep", md, [figure])
     except ImportError:
         pass
 
