@@ -17,7 +17,7 @@ def conversations(path: str) -> list[list[dict]]:
     path = Path(path)
     if path.suffix == ".parquet":
         return [list(m) for m in pd.read_parquet(path)["messages"]]
-    from data_prep import sources, templates, user
+    from data_prep import templates, user
 
     out = []
     for rec in user.read(path):

@@ -47,7 +47,7 @@ def run(cfg, args) -> int:
     from data_prep import prepare
     from tests.tiny import build_model
 
-    from stages import evaluate, sft
+    from stages.sweep import train_and_evaluate
 
     t0 = time.time()
     if not cfg.run.name:
@@ -73,14 +73,9 @@ def run(cfg, args) -> int:
 
     # ---- SFT through verl's trainer, then greedy eval of the exported model
     cfg.data.train_file = files["sft_train"]
-    rc = sft.run(cfg, args)
-    if rc:
-        return rc
-    args.init = str(stage_dir(cfg, "sft"))
-    rc = evaluate.run(cfg, args)
-    if rc:
-        return rc
-    metrics = json.loads((stage_dir(cfg, "eval") / "metrics.json").read_text())
+    metrics = train_and_evaluate(cfg, args)
+    if isinstance(metrics, int):
+        return metrics
     summary = {"run": str(stage_dir(cfg, "demo").parent), "seconds": round(time.time() - t0, 1),
                **refs, "eval": {k: metrics[k] for k in ("n", "accuracy", "format_accuracy", "trunc_rate")}}
     (stage_dir(cfg, "demo")).mkdir(parents=True, exist_ok=True)

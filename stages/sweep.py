@@ -26,9 +26,23 @@ def points(train_sizes: str | None, lrs: str | None, cfg) -> list[tuple]:
     return [(None if s in ("full", "None", "null") else int(s), float(r)) for s in sizes for r in rates]
 
 
-def run(cfg, args) -> int:
+def train_and_evaluate(cfg, args) -> dict | int:
+    """SFT per cfg, then greedy eval of its export: the eval metrics, or the failing exit code."""
     from stages import evaluate, sft
 
+    args = copy.copy(args)
+    args.init = None
+    rc = sft.run(cfg, args)
+    if rc:
+        return rc
+    args.init = str(stage_dir(cfg, "sft"))
+    rc = evaluate.run(cfg, args)
+    if rc:
+        return rc
+    return json.loads((stage_dir(cfg, "eval") / "metrics.json").read_text())
+
+
+def run(cfg, args) -> int:
     root = stage_dir(cfg, "sweep")
     rows = []
     for size, lr in points(args.train_size, args.lr, cfg):
@@ -37,18 +51,13 @@ def run(cfg, args) -> int:
         point.run.output_dir, point.run.name = str(root), tag
         point.data.train_size, point.sft.lr = size, lr
         metrics_file = stage_dir(point, "eval") / "metrics.json"
-        if not metrics_file.exists():
+        if metrics_file.exists():
+            metrics = json.loads(metrics_file.read_text())
+        else:
             print(f"[sweep] {tag}: SFT then eval")
-            point_args = copy.copy(args)
-            point_args.init = None
-            rc = sft.run(point, point_args)
-            if rc:
-                return rc
-            point_args.init = str(stage_dir(point, "sft"))
-            rc = evaluate.run(point, point_args)
-            if rc:
-                return rc
-        metrics = json.loads(metrics_file.read_text())
+            metrics = train_and_evaluate(point, args)
+            if isinstance(metrics, int):
+                return metrics
         rows.append({"train_size": size or "full", "epochs": point.sft.epochs, "lr": lr,
                      **{k: metrics.get(k) for k in COLUMNS[3:]}})
     write_results(root, rows)
