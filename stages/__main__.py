@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 from stages.cli import parse
 from stages.common import load_config
 
-MODULES = {"sft": "stages.sft", "eval": "stages.evaluate", "data": "stages.data", "sweep": "stages.sweep",
+MODULES = {"sft": "stages.sft", "eval": "stages.evaluate", "ei": "stages.ei", "data": "stages.data", "sweep": "stages.sweep",
            "demo": "stages.demo"}
 
 
@@ -21,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:  # hydra's own message names the bad key; keep it, drop the traceback
         print(f"ladder: bad configuration: {err}", file=sys.stderr)
         return 2
-    if args.dry_run and args.stage not in ("sft", "eval"):
+    if args.dry_run and args.stage not in ("sft", "eval", "ei"):
         print(OmegaConf.to_yaml(cfg, resolve=True))
         return 0
     module = importlib.import_module(MODULES[args.stage])

@@ -134,14 +134,16 @@ def first_stop(text: str, stops) -> int | None:
     return min(ends) if ends else None
 
 
-def vllm_generate(model: str, prompts: list[list[int]], cfg, stops) -> tuple[list[Generation], float]:
+def vllm_generate(model: str, prompts: list[list[int]], cfg, stops, sampling: dict | None = None
+                  ) -> tuple[list[Generation], float]:
+    """Greedy unless `sampling` ({temperature, top_p}) is given (expert iteration samples)."""
     from vllm import LLM, SamplingParams
 
     e = cfg.eval
     llm = LLM(model=model, max_model_len=int(e.max_model_len), gpu_memory_utilization=float(e.gpu_memory_utilization),
               tensor_parallel_size=int(e.tensor_parallel_size), dtype=str(e.dtype), seed=int(cfg.run.seed))
-    params = SamplingParams(temperature=0, max_tokens=int(e.max_new_tokens), stop=list(stops),
-                            include_stop_str_in_output=True)
+    params = SamplingParams(**{"temperature": 0, "max_tokens": int(e.max_new_tokens), "stop": list(stops),
+                               "include_stop_str_in_output": True, "seed": int(cfg.run.seed), **(sampling or {})})
     t0 = time.time()
     outs = [o.outputs[0] for o in llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=True)]
     seconds = time.time() - t0
@@ -166,8 +168,10 @@ def finish(tok, ids: list[int], eos: set[int], stops) -> Generation:
     return Generation(text[:cut], "stop", lo)
 
 
-def hf_generate(model: str, tok, prompts: list[list[int]], cfg, stops) -> tuple[list[Generation], float]:
-    """transformers generate, greedy; returns the Generations in prompt order and the seconds spent."""
+def hf_generate(model: str, tok, prompts: list[list[int]], cfg, stops, sampling: dict | None = None
+                ) -> tuple[list[Generation], float]:
+    """transformers generate, greedy unless `sampling` ({temperature, top_p}) is given; returns the
+    Generations in prompt order and the seconds spent."""
     import torch
     from tqdm import tqdm
     from transformers import AutoModelForCausalLM
@@ -190,7 +194,8 @@ def hf_generate(model: str, tok, prompts: list[list[int]], cfg, stops) -> tuple[
             try:
                 with torch.inference_mode():
                     gen = net.generate(input_ids=ids, attention_mask=mask, max_new_tokens=int(cfg.eval.max_new_tokens),
-                                       do_sample=False, temperature=None, top_p=None, top_k=None, use_cache=True,
+                                       do_sample=bool(sampling), top_k=None, use_cache=True,
+                                       **(sampling or {"temperature": None, "top_p": None}),
                                        repetition_penalty=1.0,  # vLLM ignores generation_config.json's; so do we
                                        pad_token_id=pad, eos_token_id=sorted(eos), stop_strings=list(stops) or None,
                                        tokenizer=tok)

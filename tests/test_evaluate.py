@@ -254,7 +254,8 @@ def test_vllm_gets_the_same_prompts_and_gives_the_same_metrics(hf_run, tiny_mode
     assert lines(out / "predictions.jsonl") == preds
     assert seen["llm"] == {"model": str(tiny_model.resolve()), "max_model_len": 2048, "gpu_memory_utilization": 0.85,
                            "tensor_parallel_size": 1, "dtype": "bfloat16", "seed": 42}
-    assert seen["params"] == {"temperature": 0, "max_tokens": 16, "stop": [], "include_stop_str_in_output": True}
+    assert seen["params"] == {"temperature": 0, "max_tokens": 16, "stop": [], "include_stop_str_in_output": True,
+                              "seed": 42}
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny_model)

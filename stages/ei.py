@@ -1,0 +1,151 @@
+"""Expert iteration: sample K completions per training question, keep what the grader accepts,
+fine-tune on them through the SFT stage, evaluate, repeat.
+
+    ./train.sh --stage ei --init outputs/<run>/sft --rounds 3 --samples 8            # one GPU
+    N_GPUS=8 ./train.sh --stage ei --init outputs/<run>/sft data.train_size=2048     # SFT on 8 GPUs
+
+Each round r (outputs/<run>/ei/round_r/):
+  1. sample `ei.samples` completions per question from the current policy (vLLM when importable,
+     else the evaluation stage's transformers backend; `ei.temperature`, `ei.top_p`,
+     `ei.max_new_tokens`), on `data.train_size` training questions;
+  2. grade each with rewards.compute_score; keep the strict-correct ones (`ei.keep: lenient` to
+     keep lenient ones) that stopped on their own, drop identical completions, keep at most
+     `ei.max_per_question` per question → kept.parquet (SFT rows);
+  3. fine-tune with the SFT stage (full or LoRA; a LoRA round's adapter is merged, so the next
+     round samples from the merged model) starting from the previous round's model, or from the
+     initial model every round (`ei.init_each_round: base`, as in CS336's expert iteration);
+  4. greedy eval on the test set (`eval.*`, e.g. eval.limit) and a round.json record.
+A finished round (its round.json exists) is never redone, so a killed run restarts at the first
+unfinished round. A round that keeps nothing stops with a message instead of training on nothing.
+Memory: nothing here materializes full-vocabulary tensors beyond what generate() itself needs;
+no entropy is computed.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import time
+from pathlib import Path
+
+import pandas as pd
+from omegaconf import OmegaConf
+
+from stages.common import stage_dir, write_manifest
+
+
+def generate(cfg, policy: str, prompts: list[list[int]], stops) -> list:
+    """K samples per prompt, in prompt order (prompt i's samples at i*K … i*K+K-1)."""
+    from stages import evaluate
+
+    gen_cfg = copy.deepcopy(cfg)
+    gen_cfg.eval.max_new_tokens = cfg.ei.max_new_tokens
+    sampling = {"temperature": float(cfg.ei.temperature), "top_p": float(cfg.ei.top_p)}
+    repeated = [p for p in prompts for _ in range(int(cfg.ei.samples))]
+    if evaluate.backend(gen_cfg) == "vllm":
+        gens, _ = evaluate.vllm_generate(policy, repeated, gen_cfg, stops, sampling)
+    else:
+        gens, _ = evaluate.hf_generate(policy, evaluate.load_tokenizer(policy), repeated, gen_cfg, stops, sampling)
+    return gens
+
+
+def filter_samples(problems: pd.DataFrame, gens: list, k: int, keep: str, cap: int) -> tuple[list[dict], dict]:
+    """Graded, deduplicated, capped SFT rows and the round's counts."""
+    from rewards import compute_score
+
+    rows, solved, correct = [], 0, 0
+    for i, problem in enumerate(problems.itertuples()):
+        seen, ok_any = set(), False
+        for g in gens[i * k:(i + 1) * k]:
+            score = compute_score(problem.data_source, g.text, problem.reward_model["ground_truth"])
+            good = score["acc"] if keep == "strict" else score["lenient_acc"]
+            correct += int(good > 0)
+            ok_any |= good > 0
+            if good and g.finish_reason == "stop" and g.text not in seen and len(seen) < cap:
+                seen.add(g.text)
+                user = list(problem.prompt)[-1]["content"]
+                rows.append({"messages": [{"role": "user", "content": user},
+                                          {"role": "assistant", "content": g.text}],
+                             "data_source": problem.data_source, "extra_info": dict(problem.extra_info),
+                             "tokens": g.tokens})
+        solved += int(ok_any)
+    n = len(problems)
+    stats = {"questions": n, "samples": n * k, "correct_samples": correct, "solve_rate": solved / max(n, 1),
+             "kept": len(rows), "mean_kept_tokens": sum(r["tokens"] for r in rows) / max(len(rows), 1)}
+    return rows, stats
+
+
+def run(cfg, args) -> int:
+    from data_prep import prepare
+    from stages import evaluate, report, sft
+    from stages.evaluate import load_tokenizer, template_of
+    from stages.export import resolve_init
+
+    from data_prep.templates import TEMPLATES
+
+    out = stage_dir(cfg, "ei")
+    initial = resolve_init(args.init or str(cfg.model.path))
+    files = prepare(cfg.data, stage_dir(cfg, "data"))
+    problems = pd.read_parquet(files["rl_train"])
+    template = template_of(problems)
+    stops = TEMPLATES[template].stop if template else ()
+    tok = load_tokenizer(initial)
+    prompts = [tok.apply_chat_template([dict(m) for m in p], add_generation_prompt=True, tokenize=True,
+                                       return_dict=False) for p in problems["prompt"]]
+    if args.dry_run:
+        print(OmegaConf.to_yaml(cfg.ei), f"initial policy: {initial}\n{len(problems)} questions")
+        return 0
+    policy, records = initial, []
+    for r in range(1, int(cfg.ei.rounds) + 1):
+        rdir = out / f"round_{r}"
+        if (rdir / "round.json").exists():  # finished earlier: never regenerate
+            record = json.loads((rdir / "round.json").read_text())
+            policy, records = record["policy"], records + [record]
+            print(f"[ei] round {r}: done earlier (policy {policy})")
+            continue
+        t0 = time.time()
+        rdir.mkdir(parents=True, exist_ok=True)
+        # ---- 1-2. sample and filter
+        gens = generate(cfg, policy, prompts, stops)
+        rows, stats = filter_samples(problems, gens, int(cfg.ei.samples), str(cfg.ei.keep), int(cfg.ei.max_per_question))
+        print(f"[ei] round {r}: solve rate {stats['solve_rate']:.3f}, kept {stats['kept']} of {stats['samples']} samples")
+        if not rows:
+            print(f"[ei] round {r} kept no sample: nothing to train on. Raise --samples (now {cfg.ei.samples}) "
+                  f"or ei.temperature (now {cfg.ei.temperature}), or start from a stronger --init.")
+            return 1
+        kept = rdir / "kept.parquet"
+        pd.DataFrame([{k: v for k, v in row.items() if k != "tokens"} for row in rows]).to_parquet(kept, index=False)
+        # ---- 3. fine-tune through the SFT stage
+        round_cfg = copy.deepcopy(cfg)
+        round_cfg.run.output_dir, round_cfg.run.name = str(out), f"round_{r}"
+        round_cfg.model.path = policy if cfg.ei.init_each_round == "previous" else initial
+        round_cfg.data.train_file, round_cfg.data.val_file = str(kept.resolve()), None
+        round_args = copy.copy(args)
+        round_args.init = None
+        rc = sft.run(round_cfg, round_args)
+        if rc:
+            return rc
+        policy = json.loads((rdir / "sft" / "manifest.json").read_text())["hf_model"]
+        # ---- 4. evaluate the new policy
+        round_args.init = str(rdir / "sft")
+        round_cfg.eval.dataset = files["rl_test"]
+        rc = evaluate.run(round_cfg, round_args)
+        if rc:
+            return rc
+        metrics = json.loads((rdir / "eval" / "metrics.json").read_text())
+        record = {"round": r, **stats, "policy": policy, "seconds": round(time.time() - t0, 1),
+                  **{f"eval_{k}": metrics[k] for k in ("accuracy", "format_accuracy", "trunc_rate", "avg_gen_len")}}
+        (rdir / "round.json").write_text(json.dumps(record, indent=2) + "\n")
+        records.append(record)
+    write_manifest(out, stage="ei", status="done", base_model=initial, hf_model=policy, rounds=records,
+                   lora=bool(cfg.model.use_lora), config=OmegaConf.to_container(cfg, resolve=True))
+    figures = report.plot_vs_step([{**rec, "step": rec["round"]} for rec in records],
+                                  {"eval_accuracy": "accuracy", "solve_rate": "train solve rate"},
+                                  out.parent / "report" / "figures", "ei")
+    cols = ["round", "questions", "solve_rate", "kept", "mean_kept_tokens", "eval_accuracy",
+            "eval_format_accuracy", "seconds"]
+    table = "\n".join(["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)] +
+                      ["| " + " | ".join(f"{rec[c]:.4g}" if isinstance(rec[c], float) else str(rec[c]) for c in cols) + " |"
+                       for rec in records])
+    report.add_section(out.parent, "ei", "Expert iteration", table, figures)
+    print(table)
+    return 0

@@ -1,0 +1,81 @@
+"""Expert iteration on CPU: planted samples through the real filter, verl SFT, eval, resume, empty rounds.
+
+The tiny random model is never right, so the sampler is replaced by one that plants a correct, a
+duplicate and a wrong completion per question (as the issue allows); everything after sampling
+(grader, filter, SFT through verl, eval, records) is the real code.
+"""
+import json
+
+import pytest
+
+import stages.ei as ei
+from stages.__main__ import main
+from stages.evaluate import Generation
+
+ARGS = ["--stage", "ei", "--device", "cpu", "--train_size", "4", "--samples", "3", "--rounds", "1",
+        "--batch_size", "4", "--micro_batch_size", "2", "--max_length", "1024", "--lr", "1e-3",
+        "sft.verl.data.max_token_len_per_gpu=4096", "sft.verl.data.num_workers=0",
+        "model.gradient_checkpointing=false", "--backend", "hf", "--limit", "4", "eval.max_new_tokens=8",
+        "run.name=r"]
+
+
+def planted(calls, right=True):
+    def fake_generate(cfg, policy, prompts, stops):
+        calls.append(len(prompts))
+        out = []
+        for i in range(len(prompts)):
+            gold = ei_golds[i]
+            good = Generation(f"Adding up.\n#### {gold}" if right else "#### -1", "stop", 9)
+            out += [good, good, Generation("#### -1", "stop", 3)]
+        return out
+    return fake_generate
+
+
+ei_golds = []
+
+
+@pytest.fixture
+def golds(gsm8k_dir, tmp_path):
+    import pandas as pd
+
+    from data_prep import prepare
+
+    files = prepare({"dataset": "gsm8k", "train_size": 4, "seed": 42}, tmp_path / "peek")
+    ei_golds[:] = [r["ground_truth"] for r in pd.read_parquet(files["rl_train"])["reward_model"]]
+
+
+@pytest.mark.slow
+def test_one_round_then_resume_without_regenerating(tiny_model, tmp_path, monkeypatch, golds):
+    calls = []
+    monkeypatch.setattr(ei, "generate", planted(calls))
+    argv = ARGS + ["--init", str(tiny_model), f"run.output_dir={tmp_path}"]
+    assert main(argv) == 0
+    round_dir = tmp_path / "r" / "ei" / "round_1"
+    record = json.loads((round_dir / "round.json").read_text())
+    # 4 questions x 3 samples; the duplicate is dropped, the wrong one is not kept
+    assert (record["questions"], record["samples"], record["correct_samples"], record["kept"]) == (4, 12, 8, 4)
+    assert record["solve_rate"] == 1.0 and record["eval_accuracy"] == 0.0
+    assert json.loads((round_dir / "sft" / "manifest.json").read_text())["status"] == "done"
+    manifest = json.loads((tmp_path / "r" / "ei" / "manifest.json").read_text())
+    assert manifest["hf_model"] == record["policy"] and len(manifest["rounds"]) == 1
+    assert "Expert iteration" in (tmp_path / "r" / "report.md").read_text()
+    assert main(argv) == 0 and calls == [4]  # the finished round is not sampled again
+
+
+def test_round_keeping_nothing_stops_with_advice(tiny_model, tmp_path, monkeypatch, golds, capsys):
+    monkeypatch.setattr(ei, "generate", planted([], right=False))
+    assert main(ARGS + ["--init", str(tiny_model), f"run.output_dir={tmp_path}"]) == 1
+    assert "kept no sample" in capsys.readouterr().out
+    assert not (tmp_path / "r" / "ei" / "round_1" / "sft").exists()
+
+
+def test_filter_caps_and_drops_truncated():
+    import pandas as pd
+
+    problems = pd.DataFrame([{"data_source": "openai/gsm8k", "prompt": [{"role": "user", "content": "q"}],
+                              "reward_model": {"ground_truth": "5"}, "extra_info": {"index": 0}}])
+    gens = [Generation("#### 5", "stop", 3), Generation("so #### 5", "stop", 4), Generation("ok #### 5", "stop", 4),
+            Generation("#### 5 and more", "length", 8)]
+    rows, stats = ei.filter_samples(problems, gens, 4, "strict", cap=2)
+    assert [r["messages"][1]["content"] for r in rows] == ["#### 5", "so #### 5"]
+    assert stats["correct_samples"] == 4 and stats["kept"] == 2
