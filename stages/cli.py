@@ -102,6 +102,8 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
             key = key.format(stage=section)
         if flag in ("train_size", "lr") and args.stage == "sweep":
             continue  # the sweep reads the comma list itself
+        if flag == "dataset" and args.stage == "eval":
+            key = "eval.dataset"  # what to evaluate on, not what to train on
         overrides.append(f"{key}={value}")
     for flag, (key, value) in SWITCHES.items():
         if getattr(args, flag):
