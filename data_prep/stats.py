@@ -1,7 +1,15 @@
-"""Token-length percentiles of an SFT file, as verl will see it (chat template applied).
+"""Token lengths of an SFT file as verl's MultiTurnSFTDataset will see them (chat template applied).
 
-prompt = the chat-templated turns before the last assistant turn, with the generation prompt;
-answer = the last assistant turn's content plus the end-of-turn token; total = prompt + answer.
+    python -m data_prep stats outputs/<run>/data/sft_train.parquet --tokenizer Qwen/Qwen2.5-0.5B --max_length 1024
+
+prompt = every turn before the last assistant turn, chat-templated, with the generation prompt
+         (`<|im_start|>assistant\\n`), and a default system prompt when the template adds one;
+answer = the last assistant turn's content plus what the template closes the turn with
+         (`<|im_end|>\\n` in ChatML): exactly the tokens verl puts in the loss for that turn;
+total  = prompt + answer = the sequence verl trains on, which `max_length` bounds (with
+         `truncation: error` an over-long sample stops training).
+The file is an SFT parquet (`messages`), or a raw JSON/JSONL: GSM8K (question/answer) and MATH
+(problem/solution) rows in their dataset's own template, anything else in a user format.
 """
 from __future__ import annotations
 
@@ -13,46 +21,48 @@ import pandas as pd
 PERCENTILES = (50, 90, 95, 99, 99.5)
 
 
-def conversations(path: str) -> list[list[dict]]:
+def conversations(path) -> list[list[dict]]:
+    from data_prep import problem, sources, templates, user
+
     path = Path(path)
     if path.suffix == ".parquet":
-        return [list(m) for m in pd.read_parquet(path)["messages"]]
-    from data_prep import templates, user
-
+        df = pd.read_parquet(path)
+        if "messages" not in df.columns:
+            raise ValueError(f"{path}: no 'messages' column; stats reads an SFT parquet (sft_*.parquet) "
+                             "or a raw JSON/JSONL file")
+        return [[{"role": m["role"], "content": m["content"]} for m in conv] for conv in df["messages"]]
     out = []
-    for rec in user.read(path):
-        if "question" in rec.fields and "answer" in rec.fields:  # raw GSM8K jsonl
-            reasoning, number = templates.split_gsm8k(rec.fields["answer"])
-            tpl = templates.get("gsm8k")
-            out.append([{"role": "user", "content": tpl.prompt(rec.fields["question"])},
-                        {"role": "assistant", "content": tpl.target(reasoning, number)}])
-        else:
+    for rec in sources.read_records(path):
+        dataset = "gsm8k" if "question" in rec.fields else "math" if "problem" in rec.fields else None
+        if dataset is None:
             out.append(user.messages(rec))
+            continue
+        p, tpl = problem(rec, dataset), templates.get(dataset)
+        out.append([{"role": "user", "content": tpl.prompt(p["question"])},
+                    {"role": "assistant", "content": tpl.target(p["reasoning"], p["answer"])}])
     return out
 
 
 def lengths(convs: list[list[dict]], tokenizer) -> dict[str, np.ndarray]:
-    end = tokenizer.eos_token or ""
-    prompt, answer = [], []
-    for conv in convs:
-        conv = [dict(m) for m in conv]
-        ids = tokenizer.apply_chat_template(conv[:-1], add_generation_prompt=True, tokenize=True)
-        ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
-        prompt.append(len(ids))
-        answer.append(len(tokenizer(conv[-1]["content"] + end, add_special_tokens=False)["input_ids"]))
-    prompt, answer = np.array(prompt), np.array(answer)
-    return {"prompt": prompt, "answer": answer, "total": prompt + answer}
+    prompts = [tokenizer.apply_chat_template(c[:-1], add_generation_prompt=True, tokenize=False) for c in convs]
+    fulls = [tokenizer.apply_chat_template(c, tokenize=False) for c in convs]
+    prompt, total = (np.array([len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]])
+                     for texts in (prompts, fulls))
+    return {"prompt": prompt, "answer": total - prompt, "total": total}
 
 
-def report(path: str, tokenizer_path: str, max_length: int) -> str:
+def report(path, tokenizer_path, max_length: int) -> str:
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tokenizer_path)
+    if not tok.chat_template:
+        raise ValueError(f"{tokenizer_path}: the tokenizer has no chat template, so verl cannot build SFT samples")
     lens = lengths(conversations(path), tok)
-    head = f"{'tokens':<8}" + "".join(f"{'p' + format(p, 'g'):>9}" for p in PERCENTILES) + f"{'max':>9}"
-    lines = [f"{path}: {len(lens['total'])} samples, tokenizer {tokenizer_path}", head]
+    n = len(lens["total"])
+    head = f"{'tokens':<8}" + "".join(f"{'p' + format(p, 'g'):>8}" for p in PERCENTILES) + f"{'max':>8}"
+    lines = [f"{path}: {n} samples, tokenizer {tokenizer_path}", head]
     for name, arr in lens.items():
-        lines.append(f"{name:<8}" + "".join(f"{np.percentile(arr, p):>9.0f}" for p in PERCENTILES) + f"{arr.max():>9}")
+        lines.append(f"{name:<8}" + "".join(f"{np.percentile(arr, p):>8.0f}" for p in PERCENTILES) + f"{arr.max():>8}")
     over = int((lens["total"] > max_length).sum())
-    lines.append(f"{over} samples ({over / len(lens['total']):.2%}) exceed max_length={max_length}")
+    lines.append(f"{over} samples ({over / n:.2%}) exceed max_length={max_length}")
     return "\n".join(lines)

@@ -1,19 +1,27 @@
-"""Prompt templates, chosen by name: how a question is asked and what the target answer looks like.
+"""Prompt templates, chosen by name: how a question is asked and what the SFT target looks like.
 
-  gsm8k  reasoning, then a final line `#### N` (GSM8K's own format)
-  r1     `<think>reasoning</think> <answer>N</answer>` (as in the seed reports; stop at </answer>)
+  gsm8k  reasoning, then a final line `#### 72` (GSM8K's own format)
+  r1     `<think>reasoning</think> <answer>72</answer>` (as in the R1 reports); generation stops at `</answer>`
   math   reasoning ending in `\\boxed{answer}` (MATH's own solutions already do)
 
-`answer_only` makes the target only the final answer part (`#### 72`, `<answer>72</answer>`,
-`\\boxed{72}`): verl's MultiTurnSFTDataset puts every assistant token in the loss, so a shorter
-assistant turn is how "supervise only the answer" is expressed.
+`answer_only` makes the assistant target only the final answer part (`#### 72`, `<answer>72</answer>`,
+`\\boxed{72}`). verl's MultiTurnSFTDataset puts every assistant token (plus the end-of-turn tokens)
+in the loss and nothing else, so a shorter assistant turn is how "supervise only the answer" is
+expressed; the prompt still asks for reasoning.
+
+The gold answer is read here too, with the plainest rule for each dataset (data_prep does not import
+rewards: data flows data_prep → stages → rewards): GSM8K, the text after the last `####`, commas
+removed; MATH, the content of the last `\\boxed{}` with nested braces.
 """
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
 
-CALCULATOR = re.compile(r"<<[^>]*>>")
+CALCULATOR = re.compile(r"<<[^<>]*>>")
+BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
+# two MATH train solutions write `\boxed 2`: a bare token, no braces
+BOXED_BARE = re.compile(r"\\boxed ([^\s${}]+)")
 
 
 @dataclass(frozen=True)
@@ -25,25 +33,26 @@ class Template:
     def prompt(self, question: str) -> str:
         return f"{question.strip()}\n\n{self.instruction}"
 
+    def final(self, answer: str) -> str:
+        """The final-answer part alone: the whole target when answer_only."""
+        return {"gsm8k": f"#### {answer}", "r1": f"<answer>{answer}</answer>"}.get(self.name, f"\\boxed{{{answer}}}")
+
     def target(self, reasoning: str, answer: str, answer_only: bool = False) -> str:
+        if answer_only:
+            return self.final(answer)
         reasoning = reasoning.strip()
         if self.name == "gsm8k":
-            final = f"#### {answer}"
-            return final if answer_only else f"{reasoning}\n{final}"
+            return f"{reasoning}\n{self.final(answer)}"
         if self.name == "r1":
-            final = f"<answer>{answer}</answer>"
-            return final if answer_only else f"<think>\n{reasoning}\n</think> {final}"
-        final = f"\\boxed{{{answer}}}"
-        if answer_only:
-            return final
-        return reasoning if "\\boxed" in reasoning else f"{reasoning}\nThe answer is ${final}$."
+            return f"<think>{reasoning}</think> {self.final(answer)}"
+        return reasoning if last_boxed(reasoning) else f"{reasoning}\nThe answer is ${self.final(answer)}$."
 
 
 TEMPLATES = {
     "gsm8k": Template("gsm8k", "Solve the problem step by step. Write the final answer as a number "
                       "on its own line, after \"####\".", ()),
     "r1": Template("r1", "Think step by step inside <think> </think> tags, then give only the final "
-                   "number inside <answer> </answer> tags.", ("</answer>",)),
+                   "answer inside <answer> </answer> tags.", ("</answer>",)),
     "math": Template("math", "Solve the problem step by step. Put the final answer in \\boxed{}.", ()),
 }
 
@@ -54,11 +63,35 @@ def get(name: str) -> Template:
     return TEMPLATES[name]
 
 
-def split_gsm8k(answer: str, strip_calculator: bool = True) -> tuple[str, str]:
-    """GSM8K's 'reasoning\\n#### 72' as (reasoning, '72'); the number is '' when there is none."""
+def split_gsm8k(solution: str, strip_calculator: bool = True) -> tuple[str, str]:
+    """GSM8K's 'reasoning\\n#### 1,000' as ('reasoning', '1000'); the answer is '' without '####'.
+
+    >>> split_gsm8k("48/2 = <<48/2=24>>24\\n#### 1,024")
+    ('48/2 = 24', '1024')
+    """
     if strip_calculator:
-        answer = CALCULATOR.sub("", answer)
-    if "####" not in answer:
-        return answer.strip(), ""
-    reasoning, final = answer.rsplit("####", 1)
+        solution = CALCULATOR.sub("", solution)
+    if "####" not in solution:
+        return solution.strip(), ""
+    reasoning, final = solution.rsplit("####", 1)
     return reasoning.strip(), final.strip().replace(",", "")
+
+
+def last_boxed(text: str) -> str | None:
+    """Content of the last closed `\\boxed{...}` (nested braces kept), or None.
+
+    >>> last_boxed("so $\\\\boxed{\\\\frac{1}{2}}$.")
+    '\\\\frac{1}{2}'
+    """
+    for match in reversed(list(BOXED.finditer(text))):
+        depth = 1
+        for i in range(match.end(), len(text)):
+            depth += {"{": 1, "}": -1}.get(text[i], 0)
+            if depth == 0:
+                return text[match.end():i].strip()
+    return None
+
+
+def brace_bare_boxed(solution: str) -> str:
+    """`\\boxed 2` → `\\boxed{2}`, so that targets carry the form graders read."""
+    return BOXED_BARE.sub(r"\\boxed{\1}", solution)

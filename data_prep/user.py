@@ -1,96 +1,67 @@
-"""User data → SFT parquet. Formats, detected per record:
+"""Your own data → the SFT parquet (`python -m data_prep user FILE --out DIR`, or `data.dataset: user`).
+
+A file is a JSON list of records or JSONL, one record a line. Each record is one of:
   {"prompt": …, "response": …}
-  Alpaca {"instruction": …, "input": …, "output": …}   (input appended after a blank line)
-  {"messages": [{"role": …, "content": …}, …]}
-  ShareGPT {"conversations": [{"from": human|gpt|system, "value": …}, …]}
-A file is JSON (a list of records) or JSONL. A record in none of these forms, a missing or empty
-field, or a conversation that does not end with an assistant turn is a BadRecord naming file,
-line (JSONL) or index (JSON) and field.
+  Alpaca    {"instruction": …, "input": …, "output": …}   (a non-empty input follows the instruction
+                                                          after a blank line)
+  {"messages": [{"role": system|user|assistant, "content": …}, …]}
+  ShareGPT  {"conversations": [{"from": system|human|gpt, "value": …}, …]}
+A record in none of these forms, a missing or empty field, an unknown role, or a conversation that
+does not end with an assistant turn is a BadRecord naming file, line and field. Every assistant turn
+is trained (verl's MultiTurnSFTDataset); user and system turns are context.
 """
 from __future__ import annotations
 
-import json
-from pathlib import Path
+from data_prep.errors import BadRecord
+from data_prep.sources import Record
 
-import pandas as pd
-
-from data_prep.errors import BadRecord, Skips
-from data_prep.sources import Record, read_jsonl
-
-ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-         "model": "assistant", "system": "system"}
+ROLES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant"}
 
 
-def read(path: Path) -> list[Record]:
-    text = path.read_text(encoding="utf-8")
-    if text.lstrip().startswith("["):
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise BadRecord(f"{path}:{err.lineno}", None, f"not valid JSON ({err.msg})") from None
-        return [Record(r, f"{path}[{i}]") if isinstance(r, dict) else
-                Record({}, f"{path}[{i}]", BadRecord(f"{path}[{i}]", None, "is not a JSON object"))
-                for i, r in enumerate(data)]
-    return read_jsonl(path)
-
-
-def _text(rec: Record, key: str, allow_empty: bool = False) -> str:
-    value = rec.fields.get(key)
-    if value is None:
-        raise BadRecord(rec.where, key, "is missing")
-    if not isinstance(value, str):
-        raise BadRecord(rec.where, key, "is not a string")
-    if not value.strip() and not allow_empty:
-        raise BadRecord(rec.where, key, "is empty")
-    return value
+def turns(rec: Record, key: str) -> list[dict]:
+    """`messages` (role/content) or ShareGPT `conversations` (from/value) as [{role, content}]."""
+    items = rec.fields[key]
+    if not isinstance(items, list) or not items:
+        raise BadRecord(rec.where, key, "is not a non-empty list of turns")
+    role_key, text_key = ("role", "content") if key == "messages" else ("from", "value")
+    out = []
+    for i, turn in enumerate(items):
+        if not isinstance(turn, dict):
+            raise BadRecord(rec.where, f"{key}[{i}]", f"is not an object with '{role_key}' and '{text_key}'")
+        role, text = turn.get(role_key), turn.get(text_key)
+        if role not in ROLES:
+            raise BadRecord(rec.where, f"{key}[{i}].{role_key}",
+                            f"is {role!r}, not one of {', '.join(sorted(ROLES))}")
+        if not isinstance(text, str) or not text.strip():
+            raise BadRecord(rec.where, f"{key}[{i}].{text_key}", "is missing or empty")
+        out.append({"role": ROLES[role], "content": text})
+    if out[-1]["role"] != "assistant":
+        raise BadRecord(rec.where, key, "does not end with an assistant turn (nothing to train on after it)")
+    if not any(t["role"] == "user" for t in out):
+        raise BadRecord(rec.where, key, "has no user turn")
+    return out
 
 
 def messages(rec: Record) -> list[dict]:
+    """One record in any of the four forms → [{role, content}, …] ending with the assistant's turn."""
     rec.check()
     f = rec.fields
-    if "messages" in f or "conversations" in f:
-        key = "messages" if "messages" in f else "conversations"
-        turns = f[key]
-        if not isinstance(turns, list) or not turns:
-            raise BadRecord(rec.where, key, "is not a non-empty list of turns")
-        out = []
-        for i, turn in enumerate(turns):
-            role = turn.get("role", turn.get("from")) if isinstance(turn, dict) else None
-            content = turn.get("content", turn.get("value")) if isinstance(turn, dict) else None
-            if role not in ROLES:
-                raise BadRecord(rec.where, f"{key}[{i}].role", f"is {role!r}, not one of {sorted(ROLES)}")
-            if not isinstance(content, str) or not content.strip():
-                raise BadRecord(rec.where, f"{key}[{i}].content", "is missing or empty")
-            out.append({"role": ROLES[role], "content": content})
-        if out[-1]["role"] != "assistant":
-            raise BadRecord(rec.where, key, "does not end with an assistant turn")
-        return out
-    if "instruction" in f and "output" in f:
-        prompt = _text(rec, "instruction")
-        extra = _text(rec, "input", allow_empty=True) if "input" in f else ""
+    for key in ("messages", "conversations"):
+        if key in f:
+            return turns(rec, key)
+    if "instruction" in f or "output" in f:  # Alpaca
+        prompt = rec.text("instruction")
+        extra = rec.text("input", allow_empty=True) if f.get("input") is not None else ""
         prompt = f"{prompt}\n\n{extra}" if extra.strip() else prompt
-        return [{"role": "user", "content": prompt}, {"role": "assistant", "content": _text(rec, "output")}]
+        return [{"role": "user", "content": prompt}, {"role": "assistant", "content": rec.text("output")}]
     if "prompt" in f or "response" in f:
-        return [{"role": "user", "content": _text(rec, "prompt")},
-                {"role": "assistant", "content": _text(rec, "response")}]
-    raise BadRecord(rec.where, None, "has none of prompt/response, instruction/output, messages, conversations")
+        return [{"role": "user", "content": rec.text("prompt")},
+                {"role": "assistant", "content": rec.text("response")}]
+    raise BadRecord(rec.where, None, "record has none of prompt/response, instruction/input/output, messages, "
+                    f"conversations (its keys: {', '.join(sorted(f)) or 'none'})")
 
 
-def convert(path, out_dir: Path, skips: Skips) -> dict[str, str]:
-    if not path:
-        raise ValueError("data.dataset=user needs data.train_file (a JSON or JSONL file)")
-    path = Path(path)
-    table = []
-    for rec in read(path):
-        try:
-            table.append({"messages": messages(rec), "data_source": "user",
-                          "extra_info": {"split": "train", "where": rec.where}})
-        except BadRecord as err:
-            skips.handle(err)
-    if not table:
-        raise ValueError(f"{path}: no usable records")
-    out = Path(out_dir) / "sft_train.parquet"
-    pd.DataFrame(table).to_parquet(out, index=False)
-    (Path(out_dir) / "prep.json").write_text(json.dumps(
-        {"dataset": "user", "source": str(path), "counts": {"sft_train": len(table)}, **skips.summary()}, indent=2) + "\n")
-    return {"sft_train": str(out)}
+def info(split: str, index: int, msgs: list[dict]) -> dict:
+    """extra_info as for GSM8K/MATH: the last user turn and the final assistant turn."""
+    question = next(m["content"] for m in reversed(msgs) if m["role"] == "user")
+    return {"split": split, "index": index, "question": question, "answer": msgs[-1]["content"]}
