@@ -39,6 +39,10 @@ from stages.common import REPO, flatten, stage_dir, write_manifest
 def data_files(cfg) -> tuple[str, str | None]:
     """A ready parquet (data.train_file) or what data_prep makes from config.yaml's data section."""
     given = cfg.data.train_file
+    for name in ("train_file", "val_file"):
+        path = cfg.data[name]
+        if path and not Path(path).is_file():
+            raise SystemExit(f"[sft] data.{name}={path}: no such file")
     if given and str(given).endswith(".parquet"):
         return str(Path(given).resolve()), (str(Path(cfg.data.val_file).resolve()) if cfg.data.val_file else None)
     from data_prep import prepare
@@ -115,12 +119,20 @@ def latest_step(out: Path) -> int:
     return int(marker.read_text().strip()) if marker.exists() else 0
 
 
+def resume_step(path: str) -> int:
+    folder = Path(path)
+    if not folder.name.startswith("global_step_") or not folder.is_dir():
+        raise SystemExit(f"[sft] --resume_from {path}: expected an existing verl checkpoint folder "
+                         "named global_step_N (for example outputs/<run>/sft/global_step_200)")
+    return int(folder.name.split("_")[-1])
+
+
 def steps_per_epoch(cfg, train: str) -> int:
     import pyarrow.parquet as pq
 
     rows = pq.ParquetFile(train).metadata.num_rows
     world = int(cfg.launch.n_gpus) * int(cfg.launch.nnodes)  # verl's sampler and loader drop the last partial batch
-    return max((rows // world) // (int(cfg.sft.verl.data.train_batch_size) // world), 1)
+    return max((rows // world) // max(int(cfg.sft.verl.data.train_batch_size) // world, 1), 1)
 
 
 def set_aside_epoch_end_state(out: Path, step: int, per_epoch: int) -> bool:
@@ -155,9 +167,9 @@ def run(cfg, args) -> int:
         print(shlex.join(cmd))
         print(OmegaConf.to_yaml(cfg, resolve=True))
         return 0
+    done = resume_step(cfg.sft.resume_from) if cfg.sft.resume_from else latest_step(out)
     per_epoch = steps_per_epoch(cfg, train)
     total = per_epoch * int(cfg.sft.epochs)
-    done = int(Path(cfg.sft.resume_from).name.split("_")[-1]) if cfg.sft.resume_from else latest_step(out)
     if done and done >= total:
         print(f"[sft] {out} already holds step {done} of {total}: nothing to train, exporting")
     else:

@@ -149,6 +149,7 @@ def test_misspelt_verl_key_is_refused():
 
 
 def test_multinode_command_from_env(tmp_path):
+    (tmp_path / "t.parquet").touch()
     env = dict(os.environ, N_GPUS="8", NNODES="2", NODE_RANK="1", MASTER_ADDR="10.0.0.1", MASTER_PORT="29600")
     out = subprocess.run(["./train.sh", "--dry_run", "--train_data", str(tmp_path / "t.parquet")],
                          cwd=REPO, env=env, capture_output=True, text=True)
@@ -161,10 +162,21 @@ def test_multinode_command_from_env(tmp_path):
 
 
 def test_flag_beats_environment(tmp_path):
+    (tmp_path / "t.parquet").touch()
     env = dict(os.environ, LEARNING_RATE="3e-4", N_GPUS="4")
     out = subprocess.run(["./train.sh", "--dry_run", "--lr", "2e-5", "--train_data", str(tmp_path / "t.parquet")],
                          cwd=REPO, env=env, capture_output=True, text=True)
     assert "optim.lr=2e-05" in out.stdout and "--nproc_per_node=4" in out.stdout, out.stderr
+
+
+def test_missing_files_are_named(tmp_path):
+    out = subprocess.run(["./train.sh", "--train_data", str(tmp_path / "none.parquet")], cwd=REPO,
+                         capture_output=True, text=True)
+    assert out.returncode != 0 and f"data.train_file={tmp_path / 'none.parquet'}: no such file" in out.stderr
+    (tmp_path / "t.parquet").touch()
+    out = subprocess.run(["./train.sh", "--train_data", str(tmp_path / "t.parquet"), "--resume_from", "/nope"],
+                         cwd=REPO, capture_output=True, text=True)
+    assert "expected an existing verl checkpoint folder named global_step_N" in out.stderr
 
 
 def test_single_node_command():
