@@ -18,8 +18,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from rewards.math import extract_answer as last_boxed  # rewards/ holds the repo's one answer parser
+
 CALCULATOR = re.compile(r"<<[^<>]*>>")
-BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
 # two MATH train solutions write `\boxed 2`: a bare token, no braces
 BOXED_BARE = re.compile(r"\\boxed ([^\s${}]+)")
 
@@ -75,21 +76,6 @@ def split_gsm8k(solution: str, strip_calculator: bool = True) -> tuple[str, str]
         return solution.strip(), ""
     reasoning, final = solution.rsplit("####", 1)
     return reasoning.strip(), final.strip().replace(",", "")
-
-
-def last_boxed(text: str) -> str | None:
-    """Content of the last closed `\\boxed{...}` (nested braces kept), or None.
-
-    >>> last_boxed("so $\\\\boxed{\\\\frac{1}{2}}$.")
-    '\\\\frac{1}{2}'
-    """
-    for match in reversed(list(BOXED.finditer(text))):
-        depth = 1
-        for i in range(match.end(), len(text)):
-            depth += {"{": 1, "}": -1}.get(text[i], 0)
-            if depth == 0:
-                return text[match.end():i].strip()
-    return None
 
 
 def brace_bare_boxed(solution: str) -> str:
