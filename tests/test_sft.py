@@ -91,8 +91,17 @@ def test_sigkill_mid_run_then_resume_loses_at_most_one_step(tiny_model, tmp_path
     deadline = time.time() + 180
     while time.time() < deadline and proc.poll() is None and not (marker.exists() and int(marker.read_text() or 0) >= 3):
         time.sleep(0.1)
+    # SIGKILL the trainer itself and everything launched for this run (torchrun starts its workers
+    # in their own session, so killing the launcher's process group alone would leave them running)
+    import psutil
+
+    victims = [p for p in psutil.process_iter(["cmdline"]) if str(sft) in " ".join(p.info["cmdline"] or [])]
+    for p in victims:
+        p.send_signal(signal.SIGKILL)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+    psutil.wait_procs(victims, timeout=30)
+    assert not [p for p in victims if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     killed_at = max(steps_logged(sft))
     assert 3 <= killed_at < 20, f"killed at step {killed_at}: too early or after the end"
     assert stages_main(argv) == 0
