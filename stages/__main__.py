@@ -9,8 +9,8 @@ from omegaconf import OmegaConf
 from stages.cli import parse
 from stages.common import load_config
 
-MODULES = {"sft": "stages.sft", "eval": "stages.evaluate", "ei": "stages.ei", "data": "stages.data", "sweep": "stages.sweep",
-           "demo": "stages.demo"}
+MODULES = {"sft": "stages.sft", "eval": "stages.evaluate", "ei": "stages.ei", "grpo": "stages.grpo", "all": "stages.all",
+           "data": "stages.data", "sweep": "stages.sweep", "demo": "stages.demo"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:  # hydra's own message names the bad key; keep it, drop the traceback
         print(f"ladder: bad configuration: {err}", file=sys.stderr)
         return 2
-    if args.dry_run and args.stage not in ("sft", "eval", "ei"):
+    if args.dry_run and args.stage not in ("sft", "eval", "ei", "grpo", "all"):
         print(OmegaConf.to_yaml(cfg, resolve=True))
         return 0
     module = importlib.import_module(MODULES[args.stage])

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-STAGES = ("sft", "eval", "ei", "data", "sweep", "demo")  # grpo and all: not built yet
+STAGES = ("sft", "eval", "ei", "grpo", "all", "data", "sweep", "demo")
 
 # flag -> config key; "{stage}" is the running stage's section (sft, ei or grpo)
 KEYS = {

@@ -1,24 +1,30 @@
 """SFT stage: config.yaml → `torchrun … -m verl.trainer.sft_trainer`, then export and a manifest.
 
-    ./train.sh                                               # one GPU, config.yaml's defaults
+    ./train.sh                                                       # one GPU, config.yaml's defaults
     ./train.sh --use_lora --model Qwen/Qwen2.5-1.5B
-    N_GPUS=8 ./train.sh                                      # one node, 8 GPUs
-    N_GPUS=8 NNODES=2 NODE_RANK=0 MASTER_ADDR=10.0.0.1 ./train.sh   # on each node, its own NODE_RANK
-    ./train.sh --resume_from outputs/<run>/sft/global_step_200
+    N_GPUS=8 ./train.sh                                              # one node, 8 GPUs
+    N_GPUS=8 NNODES=2 NODE_RANK=0 MASTER_ADDR=10.0.0.1 ./train.sh    # on every node, each its NODE_RANK
+    ./train.sh --resume_from outputs/<run>/sft/global_step_200       # default: resume the latest one
+    ./train.sh --dry_run                                             # print the command and config only
 
-What ladder sets on top of verl's defaults (all visible with --dry_run):
+The launch is `python -m torch.distributed.run` (torchrun) of this interpreter: `--standalone` on one
+node, `--nnodes/--node_rank/--master_addr/--master_port` on several (all nodes must share
+outputs/, as verl resumes from and writes checkpoints to one folder). Where ladder departs from verl:
   - attention `sdpa` (verl defaults to flash_attention_2, which needs the flash-attn package);
   - torch.compile off, dynamic batching on, cosine schedule with 5% warmup, lr 1e-5;
   - checkpoints also hold `huggingface/` weights (`hf_model`), so export needs no merger run;
-  - loggers: console + TensorBoard + a JSONL file always, wandb only when WANDB_PROJECT is set and
-    wandb imports (verl's default list includes wandb and dies without it);
-  - resume `auto` from outputs/<run>/sft; a checkpoint taken exactly at an epoch boundary has its
-    dataloader state set aside first, since verl 0.9.1 would otherwise replay an empty epoch and
-    stop short (upstream #5725/#7401);
-  - steps whose gradient norm is not finite are skipped by verl's engine; ladder counts them from
-    the metrics log into the manifest.
-Outputs: outputs/<run>/sft/{global_step_N/, logs/metrics.K.jsonl, tensorboard/, hf/ (+ adapter/
-for LoRA), manifest.json}.
+  - loggers: console, TensorBoard and verl's JSONL `file` logger; wandb only when WANDB_PROJECT is
+    set and wandb imports (verl's default list includes wandb and dies without it);
+  - resume is `auto` from outputs/<run>/sft. A checkpoint taken exactly at an epoch boundary has
+    its dataloader state (data_*.pt → data_*.pt.epoch_end) set aside first: verl 0.9.1 would
+    restore an exhausted loader into the next epoch and silently train 0 steps of it (upstream
+    #5725/#7401). A run that already holds all its steps is not relaunched, only exported;
+  - keep-last-N (`sft.keep_ckpts`) holds across attempts: verl forgets the checkpoints of an earlier
+    (killed) attempt, so ladder deletes the surplus after training;
+  - `--init` (a run, stage, checkpoint or HF folder) replaces model.path as the starting weights.
+Outputs: outputs/<run>/sft/{global_step_N/, logs/metrics.K.jsonl (one per attempt), tensorboard/,
+hf/ (+ adapter/ for LoRA), manifest.json}. `launch.device=cpu` (tests, demo) loads the CPU platform
+shim tests/cpu_platform.py into every rank: gloo, FSDP2, sdpa.
 """
 from __future__ import annotations
 
@@ -26,6 +32,7 @@ import json
 import math
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -34,33 +41,40 @@ from omegaconf import OmegaConf
 
 from stages.common import REPO, flatten, stage_dir, write_manifest
 
+CPU_ENV = {"VERL_PLATFORM": "cpu", "VERL_USE_EXTERNAL_MODULES": "tests.cpu_platform", "CUDA_VISIBLE_DEVICES": ""}
+
 
 # ---- data
-def data_files(cfg) -> tuple[str, str | None]:
-    """A ready parquet (data.train_file) or what data_prep makes from config.yaml's data section."""
-    given = cfg.data.train_file
+def data_files(cfg, prepare: bool = True) -> tuple[str, str | None]:
+    """A ready parquet (data.train_file) or what data_prep makes from config.yaml's data section.
+
+    With prepare=False (--dry_run) nothing is written: the paths data_prep would write are named.
+    """
     for name in ("train_file", "val_file"):
         path = cfg.data[name]
         if path and not Path(path).is_file():
             raise SystemExit(f"[sft] data.{name}={path}: no such file")
+    given = cfg.data.train_file
     if given and str(given).endswith(".parquet"):
         return str(Path(given).resolve()), (str(Path(cfg.data.val_file).resolve()) if cfg.data.val_file else None)
-    from data_prep import prepare
+    folder = stage_dir(cfg, "data").resolve()
+    if not prepare:
+        return str(folder / "sft_train.parquet"), (str(folder / "sft_val.parquet") if cfg.data.val_size else None)
+    from data_prep import prepare as prepare_data
 
-    files = prepare(cfg.data, stage_dir(cfg, "data"))
+    files = prepare_data(cfg.data, folder)
     return str(Path(files["sft_train"]).resolve()), files.get("sft_val")
 
 
 # ---- the verl command
 def loggers(cfg) -> list[str]:
-    """console + JSONL always; TensorBoard and wandb only when importable (a missing one is said)."""
+    """console + verl's JSONL `file` always; TensorBoard, wandb only when importable (a missing one is said)."""
     from importlib.util import find_spec
 
     names = ["console", "file"]
-    wanted = ["tensorboard"] + (["wandb"] if cfg.logging.wandb_project else [])
-    for name in wanted:
+    for name in ["tensorboard"] + (["wandb"] if cfg.logging.wandb_project else []):
         if find_spec(name) is None:
-            print(f"[ladder] {name} is not installed: logging without it")
+            print(f"[sft] {name} is not installed: logging without it", file=sys.stderr)
         else:
             names.append(name)
     return names
@@ -77,7 +91,7 @@ def verl_overrides(cfg, out: Path, train: str, val: str | None) -> list[str]:
         f"trainer.logger=[{','.join(loggers(cfg))}]",
         f"trainer.resume_mode={'resume_path' if resume else 'auto'}",
         f"trainer.resume_from_path={Path(resume).resolve() if resume else 'null'}",
-        f"trainer.nnodes={cfg.launch.nnodes}",
+        f"trainer.nnodes={cfg.launch.nnodes}",  # informational: verl takes the topology from torchrun
         f"trainer.n_gpus_per_node={cfg.launch.n_gpus}",
     ]
     if cfg.launch.device == "cpu":
@@ -107,10 +121,21 @@ def environment(cfg, out: Path) -> dict[str, str]:
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     if not cfg.logging.wandb_project:
         env.setdefault("WANDB_MODE", "disabled")
-    if cfg.launch.device == "cpu":  # test/demo only: verl 0.9.1 has no CPU platform of its own
-        env.update(VERL_PLATFORM="cpu", VERL_ENGINE_DEVICE="cuda", CUDA_VISIBLE_DEVICES="",
-                   VERL_USE_EXTERNAL_MODULES="tests.cpu_platform")
+    if cfg.launch.device == "cpu":  # tests and demo only: verl 0.9.1 has no CPU platform of its own
+        env.update(CPU_ENV)
     return env
+
+
+def check_cpu(cfg) -> None:
+    """What the CPU shim cannot do, said before anything starts."""
+    if cfg.launch.device != "cpu":
+        return
+    if cfg.sft.verl.engine.strategy != "fsdp2":
+        raise SystemExit(f"[sft] launch.device=cpu runs only with FSDP2 (got model.strategy="
+                         f"{cfg.sft.verl.engine.strategy}); pass --strategy fsdp2")
+    attn = OmegaConf.select(cfg.sft.verl, "model.override_config.attn_implementation")
+    if attn not in ("sdpa", "eager"):
+        raise SystemExit(f"[sft] launch.device=cpu needs attention sdpa or eager (got {attn}); pass --attn sdpa")
 
 
 # ---- checkpoints and metrics
@@ -119,37 +144,62 @@ def latest_step(out: Path) -> int:
     return int(marker.read_text().strip()) if marker.exists() else 0
 
 
-def resume_step(path: str) -> int:
-    folder = Path(path)
-    if not folder.name.startswith("global_step_") or not folder.is_dir():
-        raise SystemExit(f"[sft] --resume_from {path}: expected an existing verl checkpoint folder "
-                         "named global_step_N (for example outputs/<run>/sft/global_step_200)")
-    return int(folder.name.split("_")[-1])
+def resume_dir(cfg, out: Path) -> Path | None:
+    """The checkpoint verl will resume from: --resume_from, else the latest one in `out`."""
+    if cfg.sft.resume_from:
+        folder = Path(cfg.sft.resume_from)
+        if not folder.name.startswith("global_step_") or not folder.is_dir():
+            raise SystemExit(f"[sft] --resume_from {folder}: expected an existing verl checkpoint folder "
+                             "named global_step_N (for example outputs/<run>/sft/global_step_200)")
+        return folder
+    step = latest_step(out)
+    return out / f"global_step_{step}" if step else None
 
 
-def steps_per_epoch(cfg, train: str) -> int:
+def planned_steps(cfg, train: str) -> tuple[int, int]:
+    """(steps per epoch, total steps) exactly as verl counts them: sampler and loader drop partial batches."""
     import pyarrow.parquet as pq
 
+    v = cfg.sft.verl
     rows = pq.ParquetFile(train).metadata.num_rows
-    world = int(cfg.launch.n_gpus) * int(cfg.launch.nnodes)  # verl's sampler and loader drop the last partial batch
-    return max((rows // world) // max(int(cfg.sft.verl.data.train_batch_size) // world, 1), 1)
+    cap = int(OmegaConf.select(v, "data.train_max_samples", default=-1) or -1)
+    rows = min(rows, cap) if cap > 0 else rows
+    sp = int(OmegaConf.select(v, "engine.ulysses_sequence_parallel_size", default=1) or 1)
+    dp = int(cfg.launch.n_gpus) * int(cfg.launch.nnodes) // sp
+    per_epoch = (rows // dp) // max(int(v.data.train_batch_size) // dp, 1)
+    if per_epoch == 0:
+        raise SystemExit(f"[sft] {train} has {rows} rows, fewer than one global batch "
+                         f"(sft.batch_size={v.data.train_batch_size}): lower --batch_size")
+    total = OmegaConf.select(v, "trainer.total_training_steps")
+    return per_epoch, int(total) if total else per_epoch * int(v.trainer.total_epochs)
 
 
-def set_aside_epoch_end_state(out: Path, step: int, per_epoch: int) -> bool:
-    """At an epoch boundary the saved dataloader state is 'epoch finished': drop it (see docstring)."""
-    if step == 0 or step % per_epoch:
+def set_aside_epoch_end_state(step_dir: Path, per_epoch: int) -> bool:
+    """At an epoch boundary the saved loader state says 'epoch finished': let the next epoch start afresh."""
+    if int(step_dir.name.rsplit("_", 1)[-1]) % per_epoch:
         return False
-    moved = False
-    for state in (out / f"global_step_{step}").glob("data_*.pt"):
+    moved = list(step_dir.glob("data_*.pt"))
+    for state in moved:
         state.rename(state.with_suffix(".pt.epoch_end"))
-        moved = True
-    return moved
+    return bool(moved)
+
+
+def prune(out: Path, keep, exported: Path | None = None) -> list[str]:
+    """Keep the newest `keep` global_step_N folders (verl only prunes what the current attempt saved)
+    and the one just exported."""
+    if not keep or int(keep) <= 0:
+        return []
+    steps = sorted(out.glob("global_step_*"), key=lambda p: int(p.name.rsplit("_", 1)[-1]))
+    gone = [p for p in steps[: max(len(steps) - int(keep), 0)] if not (exported and p.resolve() == exported.resolve())]
+    for folder in gone:
+        shutil.rmtree(folder)
+    return [p.name for p in gone]
 
 
 def read_metrics(out: Path) -> dict[int, dict]:
     """Step → metrics over all attempts; a later attempt's record of a step replaces an earlier one."""
     steps: dict[int, dict] = {}
-    for path in sorted((out / "logs").glob("metrics.*.jsonl"), key=lambda p: int(p.suffixes[0][1:])):
+    for path in metric_files(out):
         for line in path.read_text().splitlines():
             if line.strip():
                 record = json.loads(line)
@@ -157,57 +207,75 @@ def read_metrics(out: Path) -> dict[int, dict]:
     return steps
 
 
+def metric_files(out: Path) -> list[Path]:
+    return sorted((out / "logs").glob("metrics.*.jsonl"), key=lambda p: int(p.suffixes[0][1:]))
+
+
 # ---- the stage
 def run(cfg, args) -> int:
     out = stage_dir(cfg, "sft")
-    train, val = data_files(cfg)
-    overrides = verl_overrides(cfg, out, train, val)
-    cmd = command(cfg, overrides)
+    if getattr(args, "init", None):  # warm start from an earlier stage's export, a checkpoint or an HF folder
+        from stages.export import resolve_init
+
+        cfg.model.path = resolve_init(args.init)
+    check_cpu(cfg)
+    train, val = data_files(cfg, prepare=not args.dry_run)
+    cmd = command(cfg, verl_overrides(cfg, out, train, val))
     if args.dry_run:
-        print(shlex.join(cmd))
+        env = " ".join(f"{k}={shlex.quote(v)}" for k, v in CPU_ENV.items()) + " " if cfg.launch.device == "cpu" else ""
+        print(env + shlex.join(cmd))
         print(OmegaConf.to_yaml(cfg, resolve=True))
         return 0
-    done = resume_step(cfg.sft.resume_from) if cfg.sft.resume_from else latest_step(out)
-    per_epoch = steps_per_epoch(cfg, train)
-    total = per_epoch * int(cfg.sft.epochs)
-    if done and done >= total:
-        print(f"[sft] {out} already holds step {done} of {total}: nothing to train, exporting")
+    start = resume_dir(cfg, out)
+    done = int(start.name.rsplit("_", 1)[-1]) if start else 0
+    per_epoch, total = planned_steps(cfg, train)
+    if done >= total:
+        print(f"[sft] {start} is step {done} of {total}: training is complete, exporting it")
     else:
         write_manifest(out, stage="sft", status="running", base_model=str(cfg.model.path),
                        lora=bool(cfg.model.use_lora), train_file=train, val_file=val)
-        if done and set_aside_epoch_end_state(out, done, per_epoch):
-            print(f"[sft] resuming at an epoch boundary (step {done}): starting the next epoch afresh")
+        if start and set_aside_epoch_end_state(start, per_epoch):
+            print(f"[sft] resuming at the end of epoch {done // per_epoch} (step {done}): epoch "
+                  f"{done // per_epoch + 1} starts with a fresh data loader")
         print("[sft] " + shlex.join(cmd), flush=True)
         rc = subprocess.call(cmd, env=environment(cfg, out), cwd=REPO)
         if rc:
             print(f"[sft] verl's trainer exited with {rc}; rerun the same command to resume from "
                   f"the last checkpoint in {out}", file=sys.stderr)
             return rc
-    return finish(cfg, out, train, val)
+        if int(cfg.launch.node_rank) != 0:  # verl's rank 0 (on node 0) writes the full checkpoint
+            print(f"[sft] node {cfg.launch.node_rank} done; node 0 exports and writes the manifest")
+            return 0
+        if latest_step(out) < total:  # verl exits 0 when it runs out of data early: never pass that off
+            print(f"[sft] verl stopped at step {latest_step(out)} of {total} without an error; see its log "
+                  f"above. Rerun to resume from {out}", file=sys.stderr)
+            return 1
+        start = out / f"global_step_{latest_step(out)}"
+    return finish(cfg, out, start, train, val)
 
 
-def finish(cfg, out: Path, train: str, val: str | None) -> int:
+def finish(cfg, out: Path, step_dir: Path, train: str, val: str | None) -> int:
     from stages.export import export
 
-    if int(cfg.launch.node_rank) != 0:  # verl's rank 0 (on node 0) writes the full checkpoint
-        print(f"[sft] node {cfg.launch.node_rank} done; node 0 exports and writes the manifest")
+    if int(cfg.launch.node_rank) != 0:
         return 0
-    step = latest_step(out)
-    if not step:
-        print(f"[sft] no checkpoint in {out}", file=sys.stderr)
-        return 1
-    exported = export(out / f"global_step_{step}", out, base_model=str(cfg.model.path),
-                      lora=bool(cfg.model.use_lora))
+    exported = export(step_dir, out, base_model=str(cfg.model.path))
+    pruned = prune(out, OmegaConf.select(cfg.sft.verl, "trainer.max_ckpt_to_keep"), step_dir)
     metrics = read_metrics(out)
     # verl logs a NaN/inf gradient norm as JSON null (and skips that optimizer step)
-    nonfinite = [s for s, m in metrics.items()
-                 if "train/grad_norm" in m and (m["train/grad_norm"] is None or not math.isfinite(m["train/grad_norm"]))]
+    norms = {s: m["train/grad_norm"] for s, m in metrics.items() if "train/grad_norm" in m}
+    nonfinite = [s for s, norm in norms.items() if norm is None or not math.isfinite(norm)]
     losses = [metrics[s]["train/loss"] for s in sorted(metrics) if "train/loss" in metrics[s]]
-    write_manifest(out, stage="sft", status="done", base_model=str(cfg.model.path), lora=bool(cfg.model.use_lora),
-                   global_step=step, hf_model=exported["hf"], adapter=exported.get("adapter"),
-                   train_file=train, val_file=val, metrics_dir=str(out / "logs"),
+    step = int(step_dir.name.rsplit("_", 1)[-1])
+    write_manifest(out, stage="sft", status="done", base_model=str(cfg.model.path), lora=exported["lora"],
+                   global_step=step, checkpoint=str(step_dir.resolve()), hf_model=exported["hf"],
+                   adapter=exported.get("adapter"), train_file=train, val_file=val,
+                   metrics_files=[str(p.resolve()) for p in metric_files(out)],
+                   tensorboard_dir=str((out / "tensorboard").resolve()), steps_logged=len(metrics),
                    loss_first=losses[0] if losses else None, loss_last=losses[-1] if losses else None,
                    skipped_nonfinite_steps=len(nonfinite), config=OmegaConf.to_container(cfg, resolve=True))
-    print(f"[sft] step {step}; exported {exported['hf']}; {len(nonfinite)} step(s) skipped for a "
-          f"non-finite gradient norm")
+    print(f"[sft] step {step}; exported {exported['hf']}"
+          + (f" and {exported['adapter']}" if exported.get("adapter") else "")
+          + (f"; removed old checkpoints {', '.join(pruned)}" if pruned else "")
+          + (f"; {len(nonfinite)} step(s) skipped for a non-finite gradient norm" if nonfinite else ""))
     return 0

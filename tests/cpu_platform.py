@@ -1,13 +1,17 @@
 """Test-only: a `cpu` platform for verl 0.9.1, which ships only cuda/npu/rocm ones.
 
-Loaded in every process (torchrun ranks, Ray workers) through `VERL_USE_EXTERNAL_MODULES=tests.cpu_platform`
-together with `VERL_PLATFORM=cpu`; `stages/sft.py` sets both when `launch.device=cpu`. It
-  1. registers a PlatformBase subclass named `cpu`: device `cpu`, gloo, no-op seeding/caches;
-  2. collapses verl's process-group backend "cpu:gloo,cpu:gloo" (cpu + this device) to "gloo";
-  3. nothing more: verl's FSDP engines are looked up under `cuda` (`VERL_ENGINE_DEVICE=cuda`, also
-     set by the stage) and place tensors on `get_device_name()`, which is now `cpu`. FSDP2 works
-     on CPU this way; FSDP1 does not.
-The CPU demo (`make demo`) uses it too. Nothing here is used on a GPU.
+verl imports every module named in `VERL_USE_EXTERNAL_MODULES` at the end of `import verl`
+(verl/__init__.py), so with `VERL_USE_EXTERNAL_MODULES=tests.cpu_platform`, `VERL_PLATFORM=cpu` and
+the repo root on PYTHONPATH this runs in every torchrun rank before the trainer starts.
+`stages/sft.py` sets all three when `launch.device=cpu` (tests and the CPU demo). What it patches:
+  1. a `cpu` entry in verl's PlatformRegistry (picked by VERL_PLATFORM=cpu): device "cpu", backend
+     gloo, and a stand-in for `torch.cuda` whose seeding/caching/memory calls are no-ops;
+  2. verl opens its process group as "cpu:gloo,<device>:<backend>", which with device cpu reads
+     "cpu:gloo,cpu:gloo" and torch rejects the duplicate: collapsed to plain "gloo";
+  3. verl registers its FSDP engines for cuda/npu only: VERL_ENGINE_DEVICE=cuda (verl's own override
+     of the lookup) selects them; they then place tensors on `get_device_name()`, i.e. cpu.
+FSDP2 trains this way; FSDP1 does not (stages/sft.py refuses it on CPU). Attention must be sdpa or
+eager (config.yaml's `model.attn_implementation`), as flash-attn needs CUDA. Nothing here runs on a GPU.
 """
 from __future__ import annotations
 
@@ -18,74 +22,49 @@ import torch
 from verl.plugin.platform.platform_base import PlatformBase
 from verl.plugin.platform.platform_manager import PlatformRegistry
 
+ACTIVE = os.environ.get("VERL_PLATFORM", "") == "cpu"
+
 
 class _CpuModule:
-    """What verl calls on `torch.cuda`-like modules, answered for the CPU."""
+    """What verl calls on `torch.cuda`: one device, index 0; everything else (seeds, empty_cache,
+    synchronize, memory statistics) does nothing and returns 0."""
 
-    @staticmethod
-    def is_available():
-        return True
+    is_available = staticmethod(lambda: True)
+    device_count = staticmethod(lambda: 1)
+    current_device = staticmethod(lambda: 0)
+    mem_get_info = staticmethod(lambda *a, **k: (0, 0))
+    get_device_name = staticmethod(lambda *a, **k: "CPU")
 
-    @staticmethod
-    def device_count():
-        return 1
-
-    @staticmethod
-    def current_device():
-        return 0
-
-    @staticmethod
-    def mem_get_info(*_a, **_k):
-        return (0, 0)
-
-    @staticmethod
-    def get_device_name(*_a, **_k):
-        return "CPU"
-
-    def __getattr__(self, name):  # memory stats read 0; empty_cache, synchronize, seeds do nothing
+    def __getattr__(self, name):
         if name.startswith("__"):
             raise AttributeError(name)
-        return _zero
+        return lambda *a, **k: 0
 
 
-def _zero(*_a, **_k):
-    return 0
-
-
+# 1. the platform
 @PlatformRegistry.register(platform="cpu")
 class PlatformCPU(PlatformBase):
-    _module = _CpuModule()
-
-    @property
-    def device_name(self):
-        return "cpu"
-
-    @property
-    def vendor_name(self):
-        return "cpu"
-
-    @property
-    def device_module(self):
-        return self._module
+    device_name = property(lambda self: "cpu")
+    vendor_name = property(lambda self: "cpu")
+    device_module = property(lambda self: _CpuModule())
 
     def is_available(self):
         return True
 
     def is_platform_available(self, use_smi_check=False):
-        return os.environ.get("VERL_PLATFORM", "") == "cpu"
+        return ACTIVE  # never auto-detected: only when VERL_PLATFORM=cpu asks for it
 
     def current_device(self):
-        # verl passes this straight to .to(device=…) / torch.device(…): an index would mean an accelerator
-        return "cpu"
+        return "cpu"  # verl hands this to .to(device=…): an integer would mean an accelerator index
 
     def device_count(self):
         return 1
 
     def set_device(self, device_index):
-        return None
+        pass
 
     def synchronize(self, device_index=None):
-        return None
+        pass
 
     def manual_seed(self, seed):
         torch.manual_seed(seed)
@@ -94,10 +73,10 @@ class PlatformCPU(PlatformBase):
         torch.manual_seed(seed)
 
     def set_allocator_settings(self, settings):
-        return None
+        pass
 
     def empty_cache(self):
-        return None
+        pass
 
     def get_device_capability(self, device_index=0):
         return None, None
@@ -113,10 +92,10 @@ class PlatformCPU(PlatformBase):
         yield
 
     def profiler_start(self):
-        return None
+        pass
 
     def profiler_stop(self):
-        return None
+        pass
 
     def ray_resource_name(self):
         return "CPU"
@@ -134,7 +113,7 @@ class PlatformCPU(PlatformBase):
         return None
 
 
-
+# 2. "cpu:gloo,cpu:gloo" → "gloo"
 _init_process_group = torch.distributed.init_process_group
 
 
@@ -144,5 +123,7 @@ def _init_gloo(*args, backend=None, **kwargs):
     return _init_process_group(*args, backend=backend, **kwargs)
 
 
-if os.environ.get("VERL_PLATFORM", "") == "cpu":
+if ACTIVE:
     torch.distributed.init_process_group = _init_gloo
+    # 3. the FSDP engines registered for cuda
+    os.environ.setdefault("VERL_ENGINE_DEVICE", "cuda")

@@ -1,4 +1,5 @@
-"""SFT stage: the real verl trainer on CPU (tiny model), resume, faults, export, and the composed command."""
+"""SFT stage: the real verl trainer on CPU (tiny model, 2 ranks), a SIGKILL mid-run, resume, an
+epoch-boundary resume, keep-last-N, the loss mask verl trains on, and the composed command."""
 import json
 import os
 import signal
@@ -6,26 +7,42 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
+import pandas as pd
 import pytest
 import torch
 
+from stages import sft
 from stages.__main__ import main as stages_main
 from stages.common import REPO, load_config
-from stages.sft import command, read_metrics, verl_overrides
 
-TRAIN = ["--device", "cpu", "--train_size", "32", "--batch_size", "8", "--micro_batch_size", "4",
-         "--max_length", "1024", "--lr", "1e-3", "sft.verl.data.max_token_len_per_gpu=4096",
-         "sft.verl.data.num_workers=0", "model.gradient_checkpointing=false"]
+MAX_LENGTH = 256
+TRAIN = ["--device", "cpu", "--batch_size", "8", "--micro_batch_size", "4", "--max_length", str(MAX_LENGTH),
+         "--lr", "1e-3", "sft.verl.data.max_token_len_per_gpu=2048", "sft.verl.data.num_workers=0",
+         "model.gradient_checkpointing=false"]
 
 
-def train(tiny_model, out, *extra):
-    argv = ["--model", str(tiny_model), *TRAIN, f"run.output_dir={out}", "run.name=r", *extra]
-    return stages_main(argv)
+def sft_parquet(model_dir: Path, gsm8k_dir: Path, out: Path, rows: int) -> Path:
+    """The first `rows` GSM8K train problems that fit MAX_LENGTH tokens, as [user, assistant] messages."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    keep = []
+    with open(gsm8k_dir / "train.jsonl") as f:
+        for line in f:
+            row = json.loads(line)
+            messages = [{"role": "user", "content": row["question"]}, {"role": "assistant", "content": row["answer"]}]
+            if len(tok.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]) <= MAX_LENGTH:
+                keep.append({"messages": messages})
+            if len(keep) == rows:
+                break
+    pd.DataFrame(keep).to_parquet(out, index=False)
+    return out
 
 
 def steps_logged(sft_dir: Path) -> list[int]:
-    return sorted(read_metrics(sft_dir))
+    return sorted(sft.read_metrics(sft_dir))
 
 
 def checkpoints(sft_dir: Path) -> list[int]:
@@ -43,124 +60,138 @@ def generate(folder: str) -> str:
     return tok.decode(out[0, ids["input_ids"].shape[1]:])
 
 
+def kill_run(proc: subprocess.Popen) -> None:
+    """SIGKILL the stage, torchrun, and every rank: torchrun starts each rank in a session of its own."""
+    import psutil
+
+    tree = psutil.Process(proc.pid).children(recursive=True)
+    for child in tree:
+        try:
+            os.killpg(child.pid, signal.SIGKILL)  # a rank's group: the rank and its data loader workers
+        except (ProcessLookupError, PermissionError):
+            pass
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    _, alive = psutil.wait_procs(tree, timeout=30)
+    assert not alive, f"still running after SIGKILL: {alive}"
+
+
+# ---- the real trainer
 @pytest.mark.slow
-def test_full_ft_resume_at_epoch_boundary_keep_last_and_export(tiny_model, tmp_path):
-    sft = tmp_path / "r" / "sft"
-    assert train(tiny_model, tmp_path, "--epochs", "1", "--save_freq", "1", "sft.keep_ckpts=2") == 0
-    assert steps_logged(sft) == [1, 2, 3, 4]
-    assert checkpoints(sft) == [3, 4]  # keep-last-2 really deleted steps 1 and 2
-    # step 4 ends epoch 1: verl 0.9.1 alone would train 0 steps here; ladder continues with epoch 2
-    assert train(tiny_model, tmp_path, "--epochs", "2", "--save_freq", "1", "sft.keep_ckpts=2") == 0
-    assert steps_logged(sft) == list(range(1, 9))
-    manifest = json.loads((sft / "manifest.json").read_text())
-    assert manifest["global_step"] == 8 and manifest["status"] == "done" and not manifest["lora"]
-    assert manifest["loss_last"] < manifest["loss_first"]
-    # the export differs from the random start and generates
+def test_two_ranks_killed_resumed_then_extended_at_epoch_boundary(tiny_model, gsm8k_dir, tmp_path):
+    data = sft_parquet(tiny_model, gsm8k_dir, tmp_path / "train.parquet", 48)  # 2 ranks x 4 per rank: 6 steps an epoch
+    argv = ["--model", str(tiny_model), "--train_data", str(data), *TRAIN, "--n_gpus", "2", "--save_freq", "1",
+            "sft.keep_ckpts=2", f"run.output_dir={tmp_path}", "run.name=r"]
+    out = tmp_path / "r" / "sft"
+
+    # ---- 1. SIGKILL everything once step 2's checkpoint is complete (verl writes the marker last)
+    proc = subprocess.Popen([sys.executable, "-m", "stages", *argv, "--epochs", "1"], cwd=REPO,
+                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and sft.latest_step(out) < 2:
+        time.sleep(0.05)
+    assert proc.poll() is None, f"the run ended (rc {proc.returncode}) before it could be killed"
+    kill_run(proc)
+    saved, logged = sft.latest_step(out), steps_logged(out)
+    assert 2 <= saved < 6 and max(logged) < 6, (saved, logged)
+
+    # ---- 2. the same command resumes: the step count continues, at most one step is trained twice
+    assert stages_main([*argv, "--epochs", "1"]) == 0
+    first, second = [[json.loads(x)["step"] for x in p.read_text().splitlines()] for p in sft.metric_files(out)]
+    assert second == list(range(saved + 1, 7)), second
+    assert max(first) - saved <= 1, (first, saved)
+    assert steps_logged(out) == [1, 2, 3, 4, 5, 6]
+    loss = {step: m["train/loss"] for step, m in sft.read_metrics(out).items()}
+    assert loss[saved + 1] < loss[1]  # resumed from the trained weights, not from the random start
+    assert checkpoints(out) == [5, 6]  # keep-last-2 across attempts: the killed attempt's 1 and 2 are gone too
+
+    # ---- 3. one more epoch from the epoch-end checkpoint: verl 0.9.1 alone would train 0 steps here
+    assert stages_main([*argv, "--epochs", "2"]) == 0
+    assert steps_logged(out) == list(range(1, 13)) and checkpoints(out) == [11, 12]
+    assert (out / "global_step_6").exists() is False and len(sft.metric_files(out)) == 3
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["global_step"] == 12 and manifest["status"] == "done" and not manifest["lora"]
+    assert manifest["loss_last"] < manifest["loss_first"] and len(manifest["metrics_files"]) == 3
+
+    # ---- 4. a finished run is not launched again, only exported
+    assert stages_main([*argv, "--epochs", "2"]) == 0
+    assert len(sft.metric_files(out)) == 3 and steps_logged(out) == list(range(1, 13))
+
+    # ---- the export is a plain HF folder that moved away from the random start and generates
     from safetensors.torch import load_file
 
     before = load_file(str(tiny_model / "model.safetensors"))
     after = load_file(str(Path(manifest["hf_model"]) / "model.safetensors"))
     assert any(not torch.equal(before[k], after[k].to(before[k].dtype)) for k in before)
     assert isinstance(generate(manifest["hf_model"]), str)
-    # a finished run is not trained again
-    assert train(tiny_model, tmp_path, "--epochs", "2") == 0
-    assert steps_logged(sft) == list(range(1, 9))
 
 
-@pytest.mark.slow
-def test_two_processes_lora_merges_adapter(tiny_model, tmp_path):
-    assert train(tiny_model, tmp_path, "--epochs", "1", "--n_gpus", "2", "--use_lora", "--lora_rank", "4") == 0
-    sft = tmp_path / "r" / "sft"
-    manifest = json.loads((sft / "manifest.json").read_text())
-    assert manifest["lora"] and Path(manifest["adapter"], "adapter_config.json").exists()
-    assert steps_logged(sft) == [1, 2, 3, 4]
-    from peft import PeftConfig
+# ---- what verl trains on
+def test_end_of_turn_token_is_in_the_loss_mask(tiny_model, tmp_path):
+    from transformers import AutoTokenizer
+    from verl.utils.dataset.multiturn_sft_dataset import MultiTurnSFTDataset
 
-    assert PeftConfig.from_pretrained(manifest["adapter"]).r == 4
-    assert isinstance(generate(manifest["hf_model"]), str)  # merged: plain transformers loads it
-
-
-@pytest.mark.slow
-def test_sigkill_mid_run_then_resume_loses_at_most_one_step(tiny_model, tmp_path):
-    argv = ["--model", str(tiny_model), *TRAIN, "--train_size", "160", "--epochs", "1", "--save_freq", "1",
-            f"run.output_dir={tmp_path}", "run.name=r"]
-    sft = tmp_path / "r" / "sft"
-    proc = subprocess.Popen([sys.executable, "-m", "stages", *argv], cwd=REPO, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    marker = sft / "latest_checkpointed_iteration.txt"
-    deadline = time.time() + 180
-    while time.time() < deadline and proc.poll() is None and not (marker.exists() and int(marker.read_text() or 0) >= 3):
-        time.sleep(0.1)
-    # SIGKILL the trainer itself and everything launched for this run (torchrun starts its workers
-    # in their own session, so killing the launcher's process group alone would leave them running)
-    import psutil
-
-    victims = [p for p in psutil.process_iter(["cmdline"]) if str(sft) in " ".join(p.info["cmdline"] or [])]
-    for p in victims:
-        p.send_signal(signal.SIGKILL)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    psutil.wait_procs(victims, timeout=30)
-    assert not [p for p in victims if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
-    killed_at = max(steps_logged(sft))
-    assert 3 <= killed_at < 20, f"killed at step {killed_at}: too early or after the end"
-    assert stages_main(argv) == 0
-    steps = steps_logged(sft)
-    assert steps == list(range(1, 21)), steps  # every step logged once, the count continued
-    attempts = sorted((sft / "logs").glob("metrics.*.jsonl"))
-    assert len(attempts) == 2
-    resumed_at = json.loads(attempts[1].read_text().splitlines()[0])["step"]
-    assert killed_at - (resumed_at - 1) <= 1, (killed_at, resumed_at)  # at most one step trained again
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    answer = "3 + 4 = 7\n#### 7"
+    path = tmp_path / "one.parquet"
+    pd.DataFrame([{"messages": [{"role": "user", "content": "What is 3 + 4?"},
+                                {"role": "assistant", "content": answer}]}]).to_parquet(path)
+    data_cfg = verl_schema_compose(composed([f"model.path={tiny_model}"])).data  # the data config verl builds
+    row = MultiTurnSFTDataset(str(path), tok, data_cfg)[0]
+    ids, mask = row["input_ids"].tolist(), row["loss_mask"].tolist()
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    ends = [i for i, t in enumerate(ids) if t == im_end]
+    assert len(ends) == 2 and mask[ends[0]] == 0 and mask[ends[1]] == 1  # user turn's end: no; assistant's: yes
+    trained = tok.decode([t for t, m in zip(ids, mask) if m])
+    assert trained == answer + "<|im_end|>\n"  # the answer and its end of turn, not `<|im_start|>assistant\n`
 
 
-def verl_schema_compose(overrides):
-    """Compose verl's own SFT config with ladder's overrides: a misspelt key fails here."""
-    import verl
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(Path(verl.__file__).parent / "trainer" / "config"), version_base=None):
-        return compose(config_name="sft_trainer_engine", overrides=overrides)
+# ---- the composed command
+def dry_run(capsys, *argv) -> tuple[str, str]:
+    assert stages_main(["--dry_run", *argv]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    return lines[0], "\n".join(lines[1:])
 
 
-def composed(argv, env=None):
-    from stages.cli import parse
-
-    args, overrides = parse(argv)
-    cfg = load_config("sft", overrides)
-    cfg.run.name = "x"
-    return cfg, verl_overrides(cfg, Path("/tmp/x/sft"), "/tmp/train.parquet", None)
-
-
-@pytest.mark.parametrize("argv,expect", [
-    ([], {"engine.strategy=fsdp2", "model.lora_rank=0", "++model.override_config.attn_implementation=sdpa",
-          "trainer.resume_mode=auto", "optim.lr=1e-05"}),
-    (["--use_lora", "--lora_rank", "32", "--lora_alpha", "32"], {"model.lora_rank=32", "model.lora_alpha=32"}),
-    (["--strategy", "fsdp", "--param_offload", "--optimizer_offload"],
-     {"engine.strategy=fsdp", "engine.param_offload=true", "engine.optimizer_offload=true"}),
-    (["--resume_from", "/tmp/x/sft/global_step_200"],
-     {"trainer.resume_mode=resume_path", "trainer.resume_from_path=/tmp/x/sft/global_step_200"}),
-    (["trainer.total_epochs=5", "optim.lr_scheduler_type=cosine", "trainer.save_freq=100"],
-     {"trainer.total_epochs=5", "optim.lr_scheduler_type=cosine", "trainer.save_freq=100"}),
-])
-def test_composed_overrides_fit_verls_schema(argv, expect):
-    cfg, overrides = composed(argv)
-    assert expect <= set(overrides), sorted(set(expect) - set(overrides))
-    verl_cfg = verl_schema_compose(overrides)
-    assert verl_cfg.trainer.default_local_dir == "/tmp/x/sft"
-
-
-def test_misspelt_verl_key_is_refused():
-    _, overrides = composed(["trainer.totl_epochs=5"])
-    with pytest.raises(Exception, match="totl_epochs"):
-        verl_schema_compose(overrides)
-
-
-def test_multinode_command_from_env(tmp_path):
+@pytest.fixture
+def train_file(tmp_path) -> str:
     (tmp_path / "t.parquet").touch()
+    return str(tmp_path / "t.parquet")
+
+
+def test_dry_run_default_command(capsys, train_file, tmp_path):
+    line, config = dry_run(capsys, "--train_data", train_file, f"run.output_dir={tmp_path}", "run.name=x")
+    assert line.startswith(f"{sys.executable} -m torch.distributed.run --standalone --nnodes=1 --nproc_per_node=1 "
+                           "-m verl.trainer.sft_trainer ")
+    for key in ("engine.strategy=fsdp2", "model.lora_rank=0", "++model.override_config.attn_implementation=sdpa",
+                "optim.lr=1e-05", "trainer.total_epochs=3", "trainer.max_ckpt_to_keep=2", "trainer.resume_mode=auto",
+                f"data.train_files={train_file}", f"trainer.default_local_dir={tmp_path.resolve() / 'x' / 'sft'}",
+                "trainer.experiment_name=x-sft", "'checkpoint.save_contents=[model,optimizer,extra,hf_model]'"):
+        assert f" {key}" in line, key
+    assert "trainer.logger=[console,file,tensorboard" in line and "trainer.device" not in line
+    assert "sft:" in config and "verl:" in config  # the resolved config follows the command
+    assert not (tmp_path / "x").exists()  # a dry run writes nothing
+
+
+@pytest.mark.parametrize("flags,keys", [
+    (["--use_lora", "--lora_rank", "32", "--lora_alpha", "64"], ["model.lora_rank=32", "model.lora_alpha=64"]),
+    (["--strategy", "fsdp"], ["engine.strategy=fsdp"]),
+    (["--param_offload", "--optimizer_offload"], ["engine.param_offload=true", "engine.optimizer_offload=true"]),
+    (["--resume_from", "/tmp/x/sft/global_step_200"],
+     ["trainer.resume_mode=resume_path", "trainer.resume_from_path=/tmp/x/sft/global_step_200"]),
+    (["--device", "cpu"], ["trainer.device=cpu"]),
+])
+def test_dry_run_flags(capsys, train_file, flags, keys):
+    line, _ = dry_run(capsys, "--train_data", train_file, *flags)
+    for key in keys:
+        assert f" {key}" in line, key
+    if "--device" in flags:
+        assert line.startswith("VERL_PLATFORM=cpu VERL_USE_EXTERNAL_MODULES=tests.cpu_platform ")
+
+
+def test_dry_run_multinode_from_env(train_file):
     env = dict(os.environ, N_GPUS="8", NNODES="2", NODE_RANK="1", MASTER_ADDR="10.0.0.1", MASTER_PORT="29600")
-    out = subprocess.run(["./train.sh", "--dry_run", "--train_data", str(tmp_path / "t.parquet")],
+    out = subprocess.run(["./train.sh", "--dry_run", "--train_data", train_file],
                          cwd=REPO, env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     line = out.stdout.splitlines()[0]
@@ -170,10 +201,29 @@ def test_multinode_command_from_env(tmp_path):
     assert "--standalone" not in line
 
 
-def test_flag_beats_environment(tmp_path):
-    (tmp_path / "t.parquet").touch()
+def test_dry_run_names_data_prep_files_without_writing(capsys, tmp_path):
+    line, _ = dry_run(capsys, f"run.output_dir={tmp_path}", "run.name=x", "data.val_size=16")
+    data = tmp_path.resolve() / "x" / "data"
+    assert f"data.train_files={data / 'sft_train.parquet'}" in line
+    assert f"data.val_files={data / 'sft_val.parquet'}" in line
+    assert not data.exists()
+
+
+def test_data_prep_is_called_with_the_data_section(monkeypatch, tmp_path):
+    import data_prep
+
+    calls = []
+    monkeypatch.setattr(data_prep, "prepare", lambda cfg, out: calls.append((cfg, out)) or
+                        {"sft_train": str(out / "sft_train.parquet")})
+    cfg = load_config("sft", [f"run.output_dir={tmp_path}", "run.name=x"])
+    train, val = sft.data_files(cfg)
+    assert calls == [(cfg.data, tmp_path.resolve() / "x" / "data")] and train.endswith("x/data/sft_train.parquet")
+    assert val is None
+
+
+def test_flag_beats_environment(train_file):
     env = dict(os.environ, LEARNING_RATE="3e-4", N_GPUS="4")
-    out = subprocess.run(["./train.sh", "--dry_run", "--lr", "2e-5", "--train_data", str(tmp_path / "t.parquet")],
+    out = subprocess.run(["./train.sh", "--dry_run", "--lr", "2e-5", "--train_data", train_file],
                          cwd=REPO, env=env, capture_output=True, text=True)
     assert "optim.lr=2e-05" in out.stdout and "--nproc_per_node=4" in out.stdout, out.stderr
 
@@ -188,7 +238,102 @@ def test_missing_files_are_named(tmp_path):
     assert "expected an existing verl checkpoint folder named global_step_N" in out.stderr
 
 
-def test_single_node_command():
-    cfg, overrides = composed([])
-    cmd = command(cfg, overrides)
-    assert cmd[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nnodes=1"]
+def test_cpu_refuses_what_the_shim_cannot_run(capsys, train_file):
+    with pytest.raises(SystemExit, match="runs only with FSDP2"):
+        stages_main(["--dry_run", "--train_data", train_file, "--device", "cpu", "--strategy", "fsdp"])
+    with pytest.raises(SystemExit, match="needs attention sdpa"):
+        stages_main(["--dry_run", "--train_data", train_file, "--device", "cpu", "--attn", "flash_attention_2"])
+
+
+# ---- verl's own schema: a misspelt key fails before any run
+def verl_schema_compose(overrides):
+    import verl
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(Path(verl.__file__).parent / "trainer" / "config"), version_base=None):
+        return compose(config_name="sft_trainer_engine", overrides=overrides)
+
+
+def composed(argv):
+    from stages.cli import parse
+
+    _, overrides = parse(argv)
+    cfg = load_config("sft", overrides)
+    cfg.run.name = "x"
+    return sft.verl_overrides(cfg, Path("/tmp/x/sft"), "/tmp/train.parquet", None)
+
+
+@pytest.mark.parametrize("argv", [[], ["--use_lora"], ["--strategy", "fsdp", "--param_offload", "--optimizer_offload"],
+                                  ["--device", "cpu", "--resume_from", "/tmp/x/sft/global_step_2"],
+                                  ["trainer.total_epochs=5", "optim.lr_scheduler_type=constant"]])
+def test_composed_overrides_fit_verls_schema(argv):
+    verl_cfg = verl_schema_compose(composed(argv))
+    assert verl_cfg.trainer.default_local_dir == "/tmp/x/sft"
+    assert verl_cfg.model.override_config.attn_implementation == "sdpa"
+
+
+@pytest.mark.parametrize("key", ["trainer.totl_epochs=5", "optim.learning_rate=1e-4", "data.max_len=128"])
+def test_misspelt_verl_key_is_refused(key):
+    with pytest.raises(Exception, match=key.split("=")[0].split(".")[-1]):
+        verl_schema_compose(composed([key]))
+
+
+# ---- checkpoint bookkeeping, without the trainer
+def test_epoch_end_state_is_set_aside_only_at_a_boundary(tmp_path):
+    for step in (4, 6, 8):
+        (tmp_path / f"global_step_{step}").mkdir()
+        (tmp_path / f"global_step_{step}" / "data_0.pt").touch()
+        (tmp_path / f"global_step_{step}" / "data_1.pt").touch()
+    assert sft.set_aside_epoch_end_state(tmp_path / "global_step_8", per_epoch=4)
+    assert sorted(p.name for p in (tmp_path / "global_step_8").iterdir()) == ["data_0.pt.epoch_end",
+                                                                               "data_1.pt.epoch_end"]
+    assert not sft.set_aside_epoch_end_state(tmp_path / "global_step_6", per_epoch=4)
+    assert (tmp_path / "global_step_6" / "data_0.pt").exists()
+
+
+def test_prune_keeps_the_newest_by_step_number(tmp_path):
+    for step in (2, 9, 10, 11):
+        (tmp_path / f"global_step_{step}").mkdir()
+    assert sft.prune(tmp_path, 2) == ["global_step_2", "global_step_9"]
+    assert checkpoints(tmp_path) == [10, 11]
+    assert sft.prune(tmp_path, None) == [] and sft.prune(tmp_path, -1) == []
+    (tmp_path / "global_step_12").mkdir()
+    assert sft.prune(tmp_path, 1, exported=tmp_path / "global_step_10") == ["global_step_11"]
+
+
+@pytest.mark.parametrize("rows,gpus,batch,epochs,expect", [(48, 2, 8, 1, (6, 6)), (50, 2, 8, 2, (6, 12)),
+                                                           (33, 1, 8, 3, (4, 12)), (7, 1, 8, 1, None)])
+def test_planned_steps_count_as_verl_does(tmp_path, rows, gpus, batch, epochs, expect):
+    path = tmp_path / "t.parquet"
+    pd.DataFrame({"messages": [[{"role": "user", "content": "q"}]] * rows}).to_parquet(path)
+    cfg = load_config("sft", [f"launch.n_gpus={gpus}", f"sft.batch_size={batch}", f"sft.epochs={epochs}"])
+    if expect is None:
+        with pytest.raises(SystemExit, match="fewer than one global batch"):
+            sft.planned_steps(cfg, str(path))
+    else:
+        assert sft.planned_steps(cfg, str(path)) == expect
+
+
+def test_init_replaces_the_starting_model(capsys, tiny_model, train_file):
+    line, _ = dry_run(capsys, "--train_data", train_file, "--init", str(tiny_model))
+    assert f" model.path={tiny_model.resolve()} " in line
+
+
+def test_finished_run_is_exported_not_relaunched(tiny_model, tmp_path, monkeypatch):
+    """A checkpoint that already holds every planned step goes straight to export."""
+    out = tmp_path / "x" / "sft"
+    step = out / "global_step_4"
+    (step / "huggingface").mkdir(parents=True)
+    for f in tiny_model.iterdir():
+        (step / "huggingface" / f.name).write_bytes(f.read_bytes())
+    (out / "latest_checkpointed_iteration.txt").write_text("4")
+    data = tmp_path / "t.parquet"
+    pd.DataFrame({"messages": [[{"role": "user", "content": "q"}]] * 32}).to_parquet(data)
+    monkeypatch.setattr(subprocess, "call", lambda *a, **k: pytest.fail("relaunched a finished run"))
+    cfg = load_config("sft", [f"run.output_dir={tmp_path}", "run.name=x", f"data.train_file={data}",
+                              "sft.batch_size=8", "sft.epochs=1"])
+    assert sft.run(cfg, SimpleNamespace(dry_run=False, init=None)) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["global_step"] == 4 and Path(manifest["hf_model"], "model.safetensors").exists()

@@ -1,0 +1,102 @@
+"""The GRPO curve: one row per training step from verl's JSONL metrics and its rollout dumps.
+
+verl logs, per step, `critic/score/mean` (mean reward of the step's samples), `response_length/mean`,
+the greedy validation `val-core/<data_source>/acc/mean@1` every `grpo.test_freq` steps, and the
+`timing_s/*` split. It does not log how many GRPO groups carry no signal: when every sample of a
+prompt gets the same reward, all its advantages are 0 and the prompt teaches nothing. ladder asks verl
+to dump each step's samples (`trainer.rollout_data_dir`, one `<step>.jsonl` with input, output and
+score per sample) and counts those groups here: a group is the samples that share one prompt.
+
+    rows = curve(out)                      # [{"step", "reward_mean", "val_acc", "response_length", ...}]
+    add_to_report(out, rows, record)       # outputs/<run>/report.md's GRPO section + plots
+"""
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+from stages.sft import read_metrics
+
+# (row key, verl metric key, what it is)
+COLUMNS = [
+    ("reward_mean", "critic/score/mean", "mean reward of the step's samples (1 = strict-correct)"),
+    ("response_length", "response_length/mean", "mean response length in tokens"),
+    ("clip_ratio", "response_length/clip_ratio", "share of responses cut at max_response_length"),
+    ("entropy", "actor/entropy", "mean token entropy of the actor"),
+    ("kl_loss", "actor/kl_loss", "KL-to-reference loss"),
+    ("step_s", "timing_s/step", "seconds for the whole step"),
+    ("gen_s", "timing_s/gen", "seconds generating (rollout)"),
+    ("update_s", "timing_s/update_actor", "seconds updating the actor"),
+]
+TIMING = ("gen", "reward", "old_log_prob", "ref", "adv", "update_actor", "update_weights", "save_checkpoint",
+          "testing", "dump_rollout_generations")
+
+
+def _val_acc(metrics: dict) -> float | None:
+    hits = [v for k, v in metrics.items() if k.startswith("val-core/") and "/acc/mean@" in k]
+    return sum(hits) / len(hits) if hits else None
+
+
+def all_equal_fraction(dump: Path) -> tuple[float, int]:
+    """(share of prompts whose samples all scored the same, number of prompts) in one rollout dump."""
+    groups: dict[str, list[float]] = defaultdict(list)
+    with open(dump) as f:
+        for line in f:
+            if line.strip():
+                row = json.loads(line)
+                groups[row["input"]].append(float(row["score"]))
+    if not groups:
+        return float("nan"), 0
+    same = sum(1 for scores in groups.values() if max(scores) == min(scores))
+    return same / len(groups), len(groups)
+
+
+def curve(out: Path) -> list[dict]:
+    """One row per step that verl logged (step 0 = validation before training)."""
+    out = Path(out)
+    rows = []
+    for step, m in sorted(read_metrics(out).items()):
+        row = {"step": step, "val_acc": _val_acc(m)}
+        row.update({key: m.get(metric) for key, metric, _ in COLUMNS})
+        dump = out / "rollouts" / f"{step}.jsonl"
+        if dump.exists():
+            row["all_equal_groups"], row["groups"] = all_equal_fraction(dump)
+        rows.append(row)
+    return rows
+
+
+def time_split(rows: list[dict], metrics: dict[int, dict]) -> dict[str, float]:
+    """Total seconds per phase over the training steps (verl's timing_s/<phase>)."""
+    totals: dict[str, float] = defaultdict(float)
+    for row in rows:
+        for phase in TIMING + ("step",):
+            value = metrics.get(row["step"], {}).get(f"timing_s/{phase}")
+            if isinstance(value, (int, float)):
+                totals[phase] += value
+    return dict(totals)
+
+
+def add_to_report(out: Path, rows: list[dict], record: dict) -> Path:
+    from stages import report
+
+    out = Path(out)
+    train = [r for r in rows if r["step"] > 0]
+    figures = report.plot_vs_step(
+        [r for r in rows if r.get("reward_mean") is not None or r.get("val_acc") is not None],
+        {"reward_mean": "mean reward", "val_acc": "validation accuracy (greedy)",
+         "response_length": "response length", "all_equal_groups": "groups with all-equal rewards"},
+        out.parent / "report" / "figures", "grpo")
+    split = time_split(train, read_metrics(out))
+    total = split.get("step") or 0.0
+    timing = ", ".join(f"{phase} {split[phase]:.0f} s ({split[phase] / total:.0%})" for phase in TIMING
+                       if split.get(phase) and total) if total else "n/a"
+    header = ["step", "reward_mean", "val_acc", "response_length", "all_equal_groups", "step_s", "gen_s", "update_s"]
+    body = report.table(header, [[r.get(k) if r.get(k) is not None else "" for k in header] for r in rows])
+    text = (f"From `{record.get('init')}` ({'LoRA' if record.get('lora') else 'full'}; rollout "
+            f"`{record.get('rollout')}`; reference policy: {record.get('reference_policy')}).\n\n"
+            f"Time over {len(train)} training steps: {total:.0f} s; {timing}.\n\n" + body +
+            "\n\n" + "\n".join(f"- `{k}`: {text}" for k, _, text in COLUMNS) +
+            "\n- `val_acc`: greedy validation accuracy (verl's `val-core/*/acc/mean@1`)"
+            "\n- `all_equal_groups`: share of prompts whose samples all got the same reward (no GRPO signal)")
+    return report.add_section(out.parent, "grpo", "GRPO", text, figures)

@@ -1,0 +1,55 @@
+"""`--stage all`: SFT → GRPO → eval chained through manifests on CPU, and a rerun that resumes."""
+import json
+from pathlib import Path
+
+import pytest
+
+from stages.__main__ import main as stages_main
+
+ALL = ["--stage", "all", "--device", "cpu", "--train_size", "8", "ei.rounds=0", "run.name=chain",
+       # SFT: one step of 8 rows
+       "--batch_size", "8", "--micro_batch_size", "4", "--lr", "1e-3", "sft.verl.data.num_workers=0",
+       "model.gradient_checkpointing=false",
+       # GRPO: two steps of 4 prompts x 2 samples, the hf rollout
+       "grpo.rollout=hf", "grpo.lr=1e-2", "grpo.weight_decay=0", "grpo.entropy_coef=0.01", "grpo.batch_size=4",
+       "grpo.group_size=2", "grpo.mini_batch_size=4", "grpo.micro_batch_size=4", "grpo.max_response_length=16",
+       "grpo.total_steps=2", "grpo.save_freq=2", "grpo.test_freq=2", "grpo.val_size=4",
+       "+grpo.verl.data.dataloader_num_workers=0", "+grpo.verl.actor_rollout_ref.rollout.dtype=float32",
+       "+grpo.verl.actor_rollout_ref.rollout.agent.num_workers=1", "+grpo.verl.reward.num_workers=1",
+       "+grpo.verl.ray_kwargs.ray_init.num_cpus=4",
+       # the closing evaluation
+       "eval.limit=4", "eval.max_new_tokens=16", "eval.backend=hf"]
+
+
+@pytest.mark.slow
+def test_all_chains_sft_grpo_eval_and_a_rerun_resumes(tiny_model, gsm8k_dir, tmp_path, capsys):
+    argv = [*ALL, "--model", str(tiny_model), f"run.output_dir={tmp_path}"]
+    assert stages_main(argv) == 0
+    run = tmp_path / "chain"
+    sft = json.loads((run / "sft" / "manifest.json").read_text())
+    grpo = json.loads((run / "grpo" / "manifest.json").read_text())
+    final = json.loads((run / "eval" / "manifest.json").read_text())
+    assert sft["status"] == grpo["status"] == final["status"] == "done"
+    assert grpo["init_stage"] == "sft" and Path(grpo["base_model"]) == Path(sft["hf_model"])
+    assert Path(final["model"]) == Path(grpo["hf_model"]) and final["metrics"]["n"] == 4
+    report = (run / "report.md").read_text()
+    assert "## GRPO" in report and "all_equal_groups" in report and "Evaluation on" in report
+    # every training step's groups were counted from verl's rollout dump: 4 prompts, 2 samples each
+    assert [(r["step"], r["groups"]) for r in grpo["curve"] if "groups" in r] == [(1, 4), (2, 4)]
+    assert all(0 <= r["all_equal_groups"] <= 1 for r in grpo["curve"] if "groups" in r)
+    capsys.readouterr()
+
+    assert stages_main(argv) == 0  # nothing left to do: every stage is skipped
+    said = capsys.readouterr().out
+    assert all(f"[all] {s}: done earlier" in said for s in ("sft", "grpo", "eval")), said
+
+
+def test_all_refuses_a_bare_verl_key(capsys):
+    assert stages_main(["--stage", "all", "--dry_run", "trainer.total_epochs=2"]) == 2
+    assert "has no verl block" in capsys.readouterr().err
+
+
+def test_all_dry_run_names_the_chain(tiny_model, tmp_path, capsys):
+    assert stages_main(["--stage", "all", "--dry_run", "--model", str(tiny_model), f"run.output_dir={tmp_path}"]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first == f"[all] {tmp_path / tiny_model.name}: data -> sft -> ei -> grpo -> eval"

@@ -1,0 +1,143 @@
+"""Export: verl checkpoints → plain HF folders (full and LoRA, with and without `hf_model`), and
+`resolve_init`. The LoRA checkpoint comes from one real SFT run (1 rank, CPU) shared by the slow tests."""
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from stages.__main__ import main as stages_main
+from stages.export import check_model_folder, export, resolve_init
+from tests.test_sft import TRAIN, generate, sft_parquet
+
+
+@pytest.fixture(scope="module")
+def lora_run(tiny_model, gsm8k_dir, tmp_path_factory) -> Path:
+    """outputs/r of a 3-step LoRA run (rank 4), checkpoints at steps 2 and 3."""
+    root = tmp_path_factory.mktemp("lora")
+    data = sft_parquet(tiny_model, gsm8k_dir, root / "train.parquet", 24)
+    assert stages_main(["--model", str(tiny_model), "--train_data", str(data), *TRAIN, "--epochs", "1",
+                        "--use_lora", "--lora_rank", "4", "--lora_alpha", "8", "--save_freq", "2",
+                        f"run.output_dir={root}", "run.name=r"]) == 0
+    return root / "r"
+
+
+def logits(model, text="Natalia sold 48 clips"):
+    from transformers import AutoTokenizer
+
+    ids = AutoTokenizer.from_pretrained(model.name_or_path)(text, return_tensors="pt")
+    with torch.no_grad():
+        return model(**ids).logits
+
+
+# ---- LoRA, from a real run
+@pytest.mark.slow
+def test_lora_export_writes_adapter_and_merged_model(lora_run, tiny_model):
+    from peft import PeftConfig, PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    manifest = json.loads((lora_run / "sft" / "manifest.json").read_text())
+    assert manifest["lora"] and manifest["global_step"] == 3
+    merged, adapter = manifest["hf_model"], manifest["adapter"]
+    config = PeftConfig.from_pretrained(adapter)
+    assert (config.r, config.lora_alpha, config.base_model_name_or_path) == (4, 8, str(tiny_model))
+    # merged weights moved away from the base: only the adapted projections
+    base, after = load_file(str(tiny_model / "model.safetensors")), load_file(str(Path(merged, "model.safetensors")))
+    changed = {k for k in base if not torch.equal(base[k], after[k].to(base[k].dtype))}
+    assert changed and all(k.endswith("proj.weight") for k in changed)
+    # the merged folder is the base with its adapter applied, and loads as a plain model
+    plain = AutoModelForCausalLM.from_pretrained(merged)
+    adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), adapter)
+    assert torch.allclose(logits(plain), logits(adapted), atol=1e-4)
+    assert AutoTokenizer.from_pretrained(merged).chat_template and GenerationConfig.from_pretrained(merged).eos_token_id
+    assert isinstance(generate(merged), str)
+
+
+@pytest.mark.slow
+def test_checkpoint_without_hf_model_goes_through_verls_merger(lora_run, tmp_path):
+    from safetensors.torch import load_file
+
+    step = shutil.copytree(lora_run / "sft" / "global_step_3", tmp_path / "global_step_3")
+    (step / "huggingface" / "model.safetensors").unlink()  # as if saved without `hf_model`
+    result = export(step, tmp_path / "out")
+    assert json.loads(Path(result["hf"], "ladder_export.json").read_text())["via"] == "verl.model_merger"
+    check_model_folder(Path(result["hf"]))
+    ours = load_file(str(lora_run / "sft" / "hf" / "model.safetensors"))
+    theirs = load_file(str(Path(result["hf"], "model.safetensors")))
+    assert ours.keys() == theirs.keys()
+    assert all(torch.allclose(ours[k], theirs[k].float(), atol=1e-2) for k in ours)  # the merger writes bf16
+    assert not (tmp_path / "out" / "verl_merged.partial").exists()
+
+
+@pytest.mark.slow
+def test_resolve_init_from_run_stage_manifest_and_checkpoint(lora_run):
+    hf = json.loads((lora_run / "sft" / "manifest.json").read_text())["hf_model"]
+    stage = lora_run / "sft"
+    assert resolve_init(lora_run) == resolve_init(stage) == resolve_init(stage / "manifest.json") == hf
+    # a checkpoint folder is exported on first use into a cache inside it, then reused
+    folder = resolve_init(lora_run / "sft" / "global_step_2")
+    assert folder == str((lora_run / "sft" / "global_step_2" / "ladder_export" / "hf").resolve())
+    stamp = Path(folder, "model.safetensors").stat().st_mtime_ns
+    assert resolve_init(str(lora_run / "sft" / "global_step_2")) == folder
+    assert Path(folder, "model.safetensors").stat().st_mtime_ns == stamp
+    assert isinstance(generate(folder), str)
+
+
+# ---- errors and the cheap cases
+def test_hf_folder_is_accepted_as_it_is(tiny_model):
+    assert resolve_init(tiny_model) == str(tiny_model.resolve())
+
+
+@pytest.mark.parametrize("remove,message", [("model.safetensors", "no weights"), ("tokenizer.json", "no tokenizer"),
+                                            ("config.json", "no config.json")])
+def test_incomplete_folder_is_named(tiny_model, tmp_path, remove, message):
+    folder = shutil.copytree(tiny_model, tmp_path / "m")
+    (folder / remove).unlink()
+    with pytest.raises(FileNotFoundError, match=message):
+        resolve_init(folder)
+
+
+def test_hub_id_only_when_online(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(FileNotFoundError, match="HF_HUB_OFFLINE=1"):
+        resolve_init("Qwen/Qwen2.5-0.5B")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    assert resolve_init("Qwen/Qwen2.5-0.5B") == "Qwen/Qwen2.5-0.5B"
+    with pytest.raises(FileNotFoundError, match="no such run"):
+        resolve_init("./outputs/nothing/here")
+
+
+def test_unfinished_stage_is_named(tmp_path):
+    (tmp_path / "run" / "sft").mkdir(parents=True)
+    (tmp_path / "run" / "sft" / "manifest.json").write_text(json.dumps({"stage": "sft", "status": "running"}))
+    with pytest.raises(ValueError, match="names no exported model yet"):
+        resolve_init(tmp_path / "run" / "sft")
+    with pytest.raises(ValueError, match="no stage has finished yet"):
+        resolve_init(tmp_path / "run")
+
+
+def test_run_folder_prefers_the_latest_finished_stage(tiny_model, tmp_path):
+    for stage, hf in (("sft", tiny_model), ("ei", tiny_model)):
+        (tmp_path / stage).mkdir()
+        (tmp_path / stage / "manifest.json").write_text(json.dumps({"stage": stage, "hf_model": str(hf)}))
+    (tmp_path / "grpo").mkdir()
+    (tmp_path / "grpo" / "manifest.json").write_text(json.dumps({"stage": "grpo", "status": "running"}))
+    assert resolve_init(tmp_path) == str(tiny_model.resolve())
+
+
+def test_checkpoint_without_weights_is_named(tmp_path):
+    step = tmp_path / "global_step_5"
+    (step / "huggingface").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="no weights: neither huggingface"):
+        export(step, tmp_path / "out")
+
+
+def test_full_checkpoint_export_copies_the_hf_model(tiny_model, tmp_path):
+    step = tmp_path / "global_step_1"
+    shutil.copytree(tiny_model, step / "huggingface")
+    result = export(step, tmp_path / "out")
+    assert not result["lora"] and "adapter" not in result
+    assert sorted(p.name for p in Path(result["hf"]).iterdir()) == sorted(
+        [p.name for p in tiny_model.iterdir()] + ["ladder_export.json"])

@@ -1,0 +1,250 @@
+"""GRPO stage: the hf rollout server on its own, a real 2-step GRPO through verl's main_ppo on CPU, and the
+composed command checked against verl's own config schema (vLLM, LoRA, several nodes)."""
+import asyncio
+import json
+import os
+import shlex
+import subprocess
+from importlib.util import find_spec
+from pathlib import Path
+
+import pytest
+import torch
+
+import stages.grpo as grpo
+from stages.__main__ import main as stages_main
+from stages.common import REPO
+
+
+# ---- the hf rollout server, in this process
+@pytest.fixture(scope="module")
+def server(tiny_model):
+    from verl.workers.config import HFModelConfig, RolloutConfig
+
+    from stages.hf_rollout import HFServer
+    from verl.workers.rollout.replica import RolloutMode
+
+    config = RolloutConfig(name="hf", dtype="float32", prompt_length=64, response_length=8, max_num_seqs=16,
+                           tensor_model_parallel_size=1, free_cache_engine=False)
+    return HFServer(config, HFModelConfig(path=str(tiny_model)), RolloutMode.HYBRID, 0, "")
+
+
+def generate(server, prompts, **sampling):
+    async def go():
+        return await asyncio.gather(*[server.generate(p, dict(sampling, logprobs=True), str(i))
+                                      for i, p in enumerate(prompts)])
+    return asyncio.run(go())
+
+
+def teacher_forced_logprobs(model, prompt, tokens):
+    ids = torch.tensor([prompt + tokens])
+    with torch.no_grad():
+        logp = model(ids).logits[0, len(prompt) - 1:-1].float().log_softmax(-1)
+    return logp.gather(-1, torch.tensor(tokens)[:, None]).squeeze(-1)
+
+
+PROMPTS = [[5, 6, 7, 8, 9, 10], [11, 12], [13, 14, 15, 16]]  # different lengths: left padding in one batch
+
+
+def test_hf_server_greedy_batch_matches_single_requests_and_scores_its_tokens(server):
+    batched = generate(server, PROMPTS, temperature=0)
+    for prompt, out in zip(PROMPTS, batched):
+        alone = generate(server, [prompt], temperature=0)[0]
+        assert out.token_ids == alone.token_ids and 1 <= len(out.token_ids) <= 8
+        reference = teacher_forced_logprobs(server.model, prompt, out.token_ids)
+        assert torch.allclose(torch.tensor(out.log_probs), reference, atol=1e-4)
+
+
+def test_hf_server_sampling_logprobs_follow_temperature(server):
+    torch.manual_seed(0)
+    out = generate(server, PROMPTS[:1], temperature=0.7)[0]
+    logits = server.model(torch.tensor([PROMPTS[0] + out.token_ids])).logits[0, len(PROMPTS[0]) - 1:-1]
+    reference = (logits.float() / 0.7).log_softmax(-1).gather(-1, torch.tensor(out.token_ids)[:, None]).squeeze(-1)
+    assert torch.allclose(torch.tensor(out.log_probs), reference.detach(), atol=1e-4)
+
+
+def test_pick_top_k_one_is_greedy_and_top_p_keeps_the_head():
+    from stages.hf_rollout import pick
+
+    logits = torch.tensor([[0.0, 3.0, 1.0, 2.0]] * 64)
+    assert pick(logits, 1.0, 1, 1.0)[0].tolist() == [1] * 64
+    token, logprob = pick(logits, 1.0, -1, 0.5)  # p(1)=0.64 covers 0.5: only token 1 survives
+    assert token.tolist() == [1] * 64 and torch.allclose(logprob, torch.zeros(64))
+
+
+def test_hf_server_serves_weights_it_is_sent(server, tiny_model):
+    before = generate(server, PROMPTS[:1], temperature=0)[0]
+    saved = {k: v.detach().clone() for k, v in server.model.state_dict().items()}
+    try:
+        named = [(name, torch.randn_like(p)) for name, p in server.model.named_parameters()]
+        asyncio.run(server.load_weights(named, global_steps=7, last=True))
+        after = generate(server, PROMPTS[:1], temperature=0)[0]
+        assert after.extra_fields["global_steps"] == 7
+        assert (after.token_ids, after.log_probs) != (before.token_ids, before.log_probs)
+        with pytest.raises(KeyError, match="lacks"):
+            asyncio.run(server.load_weights([("model.no_such.weight", torch.zeros(1))]))
+    finally:
+        asyncio.run(server.load_weights(list(saved.items())))
+
+
+# ---- a real GRPO run on CPU
+CPU_RUN = ["--stage", "grpo", "--device", "cpu", "--rollout", "hf", "--train_size", "8", "--lr", "1e-2",
+           "grpo.batch_size=4", "grpo.group_size=2", "grpo.mini_batch_size=4", "grpo.micro_batch_size=4",
+           "grpo.max_response_length=16", "grpo.total_steps=2", "grpo.save_freq=2", "grpo.test_freq=2",
+           "grpo.val_size=4", "model.gradient_checkpointing=false", "+grpo.verl.data.dataloader_num_workers=0",
+           # a random model never earns the grader's reward, so every advantage is 0: an entropy bonus
+           # gives the loss a gradient from step 1, and no weight decay means only gradients move weights
+           "grpo.entropy_coef=0.01", "--weight_decay", "0",
+           "actor_rollout_ref.rollout.dtype=float32", "actor_rollout_ref.rollout.agent.num_workers=1",
+           "reward.num_workers=1", "ray_kwargs.ray_init.num_cpus=4", "run.name=r"]
+
+
+@pytest.mark.slow
+def test_two_grpo_steps_on_cpu_change_the_actor_and_log_metrics(tiny_model, gsm8k_dir, tmp_path):
+    if find_spec("cachetools") is None:
+        pytest.fail("verl's main_ppo imports cachetools (verl's verl-core extra): add it to pyproject.toml")
+    assert stages_main([*CPU_RUN, "--init", str(tiny_model), f"run.output_dir={tmp_path}"]) == 0
+    out = tmp_path / "r" / "grpo"
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert (manifest["status"], manifest["global_step"], manifest["rollout"]) == ("done", 2, "hf")
+    assert manifest["reference_policy"].startswith(str(tiny_model))
+
+    # the step metrics and validations came back through verl's JSONL logger (and TensorBoard)
+    metrics = grpo.read_metrics(out)
+    assert sorted(metrics) == [0, 1, 2]
+    for step in (1, 2):
+        m = metrics[step]
+        assert {"actor/pg_loss", "actor/kl_loss", "critic/score/mean", "critic/advantages/mean"} <= set(m)
+        assert 0 < m["response_length/max"] <= 16
+        # the hf rollout's log-probs are the actor's own: at step 2 that means it got step 1's weights
+        assert m["training/rollout_probs_diff_max"] < 1e-3, m["training/rollout_probs_diff_max"]
+    for step in (0, 2):  # ladder's grader scored the greedy validation: its extra keys are logged
+        assert {"val-core/openai/gsm8k/acc/mean@1", "val-aux/openai/gsm8k/format_ok/mean@1"} <= set(metrics[step])
+    assert any((out / "tensorboard").rglob("events.out.tfevents.*"))
+
+    # the exported actor differs from the initial weights and loads in plain transformers
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    before = load_file(str(tiny_model / "model.safetensors"))
+    after = load_file(str(Path(manifest["hf_model"]) / "model.safetensors"))
+    changed = [k for k in before if not torch.equal(before[k], after[k].to(before[k].dtype))]
+    assert changed, "no weight changed in 2 GRPO steps"
+    AutoModelForCausalLM.from_pretrained(manifest["hf_model"])
+
+
+@pytest.mark.slow
+def test_lora_grpo_on_cpu_syncs_merged_weights_and_exports_the_adapter(tiny_model, gsm8k_dir, tmp_path):
+    if find_spec("cachetools") is None:
+        pytest.fail("verl's main_ppo imports cachetools (verl's verl-core extra): add it to pyproject.toml")
+    argv = [*CPU_RUN, "--init", str(tiny_model), f"run.output_dir={tmp_path}", "--use_lora", "--lora_rank", "4"]
+    assert stages_main(argv) == 0
+    out = tmp_path / "r" / "grpo"
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["lora"] and manifest["lora_to_rollout"] == "merged into the weights"
+    assert "adapter disabled" in manifest["reference_policy"]
+    assert Path(manifest["adapter"], "adapter_config.json").exists()  # export refuses an all-zero adapter
+    assert grpo.read_metrics(out)[2]["training/rollout_probs_diff_max"] < 1e-3
+
+
+# ---- the composed command against verl's schema
+def verl_schema_compose(overrides):
+    """Compose verl's own ppo_trainer config with the stage's overrides: a misspelt key fails here."""
+    import verl
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(Path(verl.__file__).parent / "trainer" / "config"), version_base=None):
+        return compose(config_name="ppo_trainer", overrides=overrides)
+
+
+def dry_run(argv, capsys, monkeypatch, vllm=True):
+    """The lines `--dry_run` prints before the YAML: [ray start …,] main_ppo …"""
+    monkeypatch.setattr(grpo, "find_spec", lambda name: object() if name == "vllm" and vllm else find_spec(name))
+    assert stages_main(["--stage", "grpo", "--dry_run", *argv]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    return [shlex.split(line) for line in lines[: lines.index("run:")]]
+
+
+@pytest.fixture
+def rl_files(tmp_path):
+    import pandas as pd
+
+    row = {"data_source": "openai/gsm8k", "prompt": [{"role": "user", "content": "1+1?"}], "ability": "math",
+           "reward_model": {"style": "rule", "ground_truth": "2"}, "extra_info": {"index": 0}}
+    for name in ("train", "test"):
+        pd.DataFrame([row]).to_parquet(tmp_path / f"rl_{name}.parquet")
+    return ["--train_data", str(tmp_path / "rl_train.parquet"), "--val_data", str(tmp_path / "rl_test.parquet")]
+
+
+def main_ppo_args(cmd):
+    assert cmd[1:3] == ["-m", "verl.trainer.main_ppo"], cmd[:3]
+    return cmd[3:]
+
+
+def test_default_vllm_command_fits_verls_schema(tiny_model, rl_files, capsys, monkeypatch):
+    (cmd,) = dry_run(["--init", str(tiny_model), *rl_files, "run.name=x"], capsys, monkeypatch)
+    cfg = verl_schema_compose(main_ppo_args(cmd))
+    ar = cfg.actor_rollout_ref
+    assert cfg.algorithm.adv_estimator == "grpo" and cfg.trainer.use_v1 is False
+    assert (ar.rollout.name, ar.rollout.n, ar.rollout.load_format) == ("vllm", 8, "dummy")
+    assert (cfg.data.max_response_length, cfg.data.train_batch_size, ar.actor.ppo_mini_batch_size) == (1024, 64, 32)
+    assert (ar.actor.use_kl_loss, ar.actor.kl_loss_coef, ar.actor.entropy_coeff) == (True, 0.001, 0.0)
+    assert (ar.rollout.val_kwargs.temperature, ar.rollout.val_kwargs.do_sample) == (0, False)
+    assert ar.model.path == str(tiny_model) and ar.model.lora_rank == 0
+    assert cfg.reward.custom_reward_function.path == str(REPO / "rewards" / "__init__.py")
+    assert cfg.reward.custom_reward_function.name == "compute_score"
+    assert "wandb" not in cfg.trainer.logger and {"console", "tensorboard"} <= set(cfg.trainer.logger)
+    assert cfg.ray_kwargs.ray_init.runtime_env.env_vars.VERL_USE_EXTERNAL_MODULES == "stages.hf_rollout"
+    from verl.trainer.ppo.utils import need_critic, need_reference_policy
+    from verl.utils.config import validate_config
+
+    validate_config(cfg, use_reference_policy=need_reference_policy(cfg), use_critic=need_critic(cfg))
+
+
+def test_misspelt_verl_key_is_refused(tiny_model, rl_files, capsys, monkeypatch):
+    (cmd,) = dry_run(["--init", str(tiny_model), *rl_files, "actor_rollout_ref.rollout.temprature=0.7"],
+                     capsys, monkeypatch)
+    with pytest.raises(Exception, match="temprature"):
+        verl_schema_compose(main_ppo_args(cmd))
+
+
+@pytest.mark.parametrize("rollout,expect", [("vllm", {"actor_rollout_ref.rollout.load_format=safetensors"}),
+                                            ("hf", {"actor_rollout_ref.model.lora.merge=true"})])
+def test_lora_dry_run_starts_from_the_merged_sft_export(tiny_model, rl_files, tmp_path, capsys, monkeypatch,
+                                                         rollout, expect):
+    sft = tmp_path / "outputs" / "myrun" / "sft"  # a LoRA SFT stage: its manifest names the merged export
+    sft.mkdir(parents=True)
+    (sft / "manifest.json").write_text(json.dumps({"stage": "sft", "status": "done", "lora": True,
+                                                   "base_model": "Qwen/Qwen2.5-0.5B", "hf_model": str(tiny_model)}))
+    (cmd,) = dry_run(["--init", str(sft), *rl_files, "--use_lora", "--lora_rank", "16", "--rollout", rollout],
+                     capsys, monkeypatch)
+    args = main_ppo_args(cmd)
+    assert expect <= set(args) and "actor_rollout_ref.model.lora_rank=16" in args
+    cfg = verl_schema_compose(args)
+    # the actor (and so the reference: the actor with its adapter off) starts from the merged SFT weights
+    assert cfg.actor_rollout_ref.model.path == str(tiny_model) and cfg.actor_rollout_ref.model.lora_rank == 16
+    assert cfg.trainer.default_local_dir == str(sft.parent / "grpo")  # beside the SFT stage, in its run
+    if rollout == "hf":
+        assert cfg.actor_rollout_ref.rollout.tensor_model_parallel_size == 1
+        assert cfg.actor_rollout_ref.rollout.load_format == "dummy"  # the hf server loads real weights itself
+
+
+def test_auto_rollout_is_hf_without_vllm(tiny_model, rl_files, capsys, monkeypatch):
+    (cmd,) = dry_run(["--init", str(tiny_model), *rl_files], capsys, monkeypatch, vllm=False)
+    assert "actor_rollout_ref.rollout.name=hf" in cmd
+
+
+def test_multinode_dry_run_from_env(tiny_model, rl_files):
+    env = dict(os.environ, N_GPUS="8", NNODES="2", MASTER_ADDR="10.0.0.1", MASTER_PORT="29600")
+    argv = ["./train.sh", "--stage", "grpo", "--dry_run", "--init", str(tiny_model), *rl_files, "--rollout", "hf"]
+    head = subprocess.run(argv, cwd=REPO, env=dict(env, NODE_RANK="0"), capture_output=True, text=True)
+    assert head.returncode == 0, head.stderr
+    ray_start, main_ppo = (shlex.split(line) for line in head.stdout.splitlines()[:2])
+    assert ray_start[1:] == ["start", "--head", "--node-ip-address=10.0.0.1", "--port=29600"]
+    assert {"trainer.nnodes=2", "trainer.n_gpus_per_node=8"} <= set(main_ppo_args(main_ppo))
+    verl_schema_compose(main_ppo_args(main_ppo))
+    worker = subprocess.run(argv, cwd=REPO, env=dict(env, NODE_RANK="1"), capture_output=True, text=True)
+    assert worker.returncode == 0, worker.stderr
+    assert shlex.split(worker.stdout.strip())[1:] == ["start", "--address=10.0.0.1:29600", "--block"]
