@@ -59,6 +59,8 @@ def curve(out: Path) -> list[dict]:
     for step, m in sorted(read_metrics(out).items()):
         row = {"step": step, "val_acc": _val_acc(m)}
         row.update({key: m.get(metric) for key, metric, _ in COLUMNS})
+        row["seconds"] = {phase: m[f"timing_s/{phase}"] for phase in TIMING + ("step",)
+                          if isinstance(m.get(f"timing_s/{phase}"), (int, float))}
         dump = out / "rollouts" / f"{step}.jsonl"
         if dump.exists():
             row["all_equal_groups"], row["groups"] = all_equal_fraction(dump)
@@ -66,14 +68,12 @@ def curve(out: Path) -> list[dict]:
     return rows
 
 
-def time_split(rows: list[dict], metrics: dict[int, dict]) -> dict[str, float]:
-    """Total seconds per phase over the training steps (verl's timing_s/<phase>)."""
+def time_split(rows: list[dict]) -> dict[str, float]:
+    """Total seconds per phase over `rows` (verl's timing_s/<phase>, kept in each row's `seconds`)."""
     totals: dict[str, float] = defaultdict(float)
     for row in rows:
-        for phase in TIMING + ("step",):
-            value = metrics.get(row["step"], {}).get(f"timing_s/{phase}")
-            if isinstance(value, (int, float)):
-                totals[phase] += value
+        for phase, value in row.get("seconds", {}).items():
+            totals[phase] += value
     return dict(totals)
 
 
@@ -87,7 +87,7 @@ def add_to_report(out: Path, rows: list[dict], record: dict) -> Path:
         {"reward_mean": "mean reward", "val_acc": "validation accuracy (greedy)",
          "response_length": "response length", "all_equal_groups": "groups with all-equal rewards"},
         out.parent / "report" / "figures", "grpo")
-    split = time_split(train, read_metrics(out))
+    split = time_split(train)
     total = split.get("step") or 0.0
     timing = ", ".join(f"{phase} {split[phase]:.0f} s ({split[phase] / total:.0%})" for phase in TIMING
                        if split.get(phase) and total) if total else "n/a"
