@@ -261,6 +261,8 @@ def finish(cfg, out: Path, record: dict) -> int:
     if cfg.grpo.final_eval:  # the same evaluation stage as every other stage, on the validation set
         eval_cfg = copy.deepcopy(cfg)
         eval_cfg.eval.output_dir, eval_cfg.eval.dataset = str(out / "eval"), record["val_file"]
+        if eval_cfg.eval.limit is None and int(cfg.grpo.val_size) > 0:  # as many problems as validation used
+            eval_cfg.eval.limit = int(cfg.grpo.val_size)
         eval_args = argparse.Namespace(init=exported["hf"], dry_run=False)
         rc = evaluate.run(eval_cfg, eval_args)
         if rc:
