@@ -8,7 +8,9 @@
     the merger), so for LoRA it also writes `dest/adapter` (a PEFT adapter folder) and merges the
     adapter into the checkpoint's own base weights with peft's `merge_and_unload`, checking that
     the merge changed them. The base model is never re-downloaded.
-Weights keep the dtype verl saved them in (fp32 from `hf_model`, bf16 from the merger).
+Weights keep the dtype verl saved them in (fp32 from `hf_model`, bf16 from the merger). A config.json
+naming ladder's training-only attention (`ladder_varlen`) is given transformers' default instead, so the
+folder loads anywhere.
 
 `resolve_init(path)` accepts a run folder (outputs/<run>: its most advanced stage with an export),
 a stage folder or its manifest.json, a verl `global_step_N` folder (exported on first use into
@@ -120,6 +122,8 @@ def _merge_lora(peft_model, out: Path, adapter_dir: Path, base_model: str | None
 # ---- export
 def export(step_dir: Path, dest: Path, base_model: str | None = None) -> dict:
     """verl `global_step_N` → dest/hf (and dest/adapter for LoRA); returns their paths and `lora`."""
+    from stages import attention  # a checkpoint trained with ladder_varlen names it in its config.json
+
     step_dir, dest = Path(step_dir), Path(dest)
     if not step_dir.is_dir():
         raise FileNotFoundError(f"{step_dir}: no such checkpoint folder")
@@ -144,6 +148,10 @@ def export(step_dir: Path, dest: Path, base_model: str | None = None) -> dict:
     for item in hf.iterdir() if hf.is_dir() else []:
         if item.is_file() and item.suffix != ".safetensors" and item.name not in ("config.json", INDEX):
             shutil.copy2(item, tmp / item.name)
+    config = json.loads((tmp / "config.json").read_text())
+    if config.get("attn_implementation") == attention.NAME:  # training-only and ladder's: load with the default
+        del config["attn_implementation"]
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     check_model_folder(tmp)
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)

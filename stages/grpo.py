@@ -18,7 +18,9 @@ What ladder sets on top of verl's defaults (all visible with --dry_run):
   - rollout `auto`: vLLM when it imports, else `hf`, ladder's transformers backend (stages/hf_rollout.py,
     registered in every Ray process through VERL_USE_EXTERNAL_MODULES; always tensor parallel 1);
   - KL as a loss (low_var_kl, 0.001) against the initial policy, no KL in the reward, no entropy bonus;
-    lr 1e-6, response length 1024, dynamic batching, torch.compile off, attention `sdpa`;
+    lr 1e-6, response length 1024, dynamic batching, torch.compile off; the actor's attention is
+    model.attn_implementation as the SFT stage resolves it (`auto`: ladder_varlen on CUDA without
+    flash-attn, sdpa on CPU); liger and the fused loss are SFT-only for now (not measured in GRPO);
   - the reference policy is the `--init` model. With LoRA (`--use_lora`) verl's reference is the actor
     with its adapter disabled, so the init must already hold the SFT weights: resolve_init hands over
     the SFT stage's *merged* export. vLLM then loads real weights (`rollout.load_format=safetensors`) and
@@ -44,7 +46,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from stages.common import REPO, flatten, read_manifest, stage_dir, write_manifest
-from stages.sft import environment, latest_step, loggers, read_metrics
+from stages.sft import environment, kernels, latest_step, loggers, read_metrics
 
 RL_COLUMNS = ("data_source", "prompt", "reward_model")
 
@@ -150,6 +152,13 @@ def verl_overrides(cfg, out: Path, init: str, train: str, val: str, rollout: str
         # Ray workers inherit the driver's environment too; this also reaches a cluster started elsewhere
         f"+ray_kwargs.ray_init.runtime_env.env_vars.VERL_USE_EXTERNAL_MODULES={modules}",
     ]
+    # the actor's and reference's packed forward passes; the hf rollout decodes with sdpa whatever this is
+    attn = kernels(cfg)["attn"]
+    model = cfg.grpo.verl.actor_rollout_ref.model
+    if OmegaConf.select(model, "override_config.attn_implementation") is None:
+        keys.append(f"++actor_rollout_ref.model.override_config.attn_implementation={attn}")
+    if attn == "ladder_varlen" and OmegaConf.select(model, "external_lib") is None:
+        keys.append("++actor_rollout_ref.model.external_lib=stages.attention")
     if lora and rollout == "vllm":
         keys.append("actor_rollout_ref.rollout.load_format=safetensors")
     if lora and rollout == "hf":
@@ -231,6 +240,8 @@ def run(cfg, args) -> int:
         address = f"{cfg.launch.master_addr}:{cfg.launch.master_port}"
         wait_for_nodes(address, int(cfg.launch.nnodes))
         env["RAY_ADDRESS"] = address
+    else:  # one node: a Ray of its own, even where another job's cluster runs (ray.init would join it)
+        env.setdefault("RAY_ADDRESS", "local")
     print("[grpo] " + shlex.join(cmd), flush=True)
     try:
         rc = subprocess.call(cmd, env=env, cwd=REPO)

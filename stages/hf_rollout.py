@@ -11,7 +11,7 @@ verl imports this module in every process (driver, task runner, workers, servers
 `VERL_USE_EXTERNAL_MODULES`, which stages/grpo.py sets for the whole Ray job.
 
 The server decodes with its own loop over a transformers model (KV cache, left padding): requests that
-arrive together and share sampling settings are decoded as one batch. Each request is one sample:
+arrive together (no gap of GATHER_QUIET_S) and share sampling settings are decoded as one batch. Each request is one sample:
 verl's trainer repeats every prompt `rollout.n` times before the agent loop sends them, so `n` needs
 nothing here. Sampling follows vLLM's semantics for the keys verl sends (temperature 0 = greedy, top_k
 -1 = off, top_p), and the returned log-probs are vLLM's `processed_logprobs`: log-softmax of the
@@ -32,7 +32,12 @@ from verl.workers.rollout import base as rollout_base
 from verl.workers.rollout.base import BaseRollout
 from verl.workers.rollout.replica import RolloutMode, RolloutReplica, RolloutReplicaRegistry, TokenOutput
 
-GATHER_SECONDS = 0.05  # wait this long after a request arrives for the rest of its batch
+# verl's agent-loop workers (separate Ray processes) send one step's requests in bursts that can be
+# seconds apart; a batch decoded before the last burst arrives makes the rest wait for a second decode
+# of the full response length. So a batch starts once no request has arrived for GATHER_QUIET_S, or
+# GATHER_MAX_S after its first request, or as soon as it holds max_num_seqs requests.
+GATHER_QUIET_S = 0.5
+GATHER_MAX_S = 5.0
 
 
 @dataclass
@@ -80,6 +85,8 @@ class HFServer:
         self.device = torch.device(get_device_name() if torch.accelerator.is_available() else "cpu")
         self.global_steps = None
         self.pending: dict[tuple, list[_Request]] = {}
+        self.last_arrival = 0.0
+        self.batches = 0  # decode calls so far (a test counts them)
         self.drains: set[asyncio.Task] = set()
         self.lock = asyncio.Lock()
         self.awake = True
@@ -89,6 +96,8 @@ class HFServer:
         from transformers import AutoModelForCausalLM
 
         attn = (self.model_config.override_config or {}).get("attn_implementation", "sdpa")
+        if attn == "ladder_varlen":  # a training-only kernel (no KV cache): decode with sdpa
+            attn = "sdpa"
         self.model = AutoModelForCausalLM.from_pretrained(
             self.model_config.local_path, dtype=getattr(torch, self.config.dtype), attn_implementation=attn,
             trust_remote_code=self.model_config.trust_remote_code).to(self.device).eval()
@@ -121,6 +130,7 @@ class HFServer:
         request = _Request(prompt, int(max_tokens), asyncio.get_running_loop().create_future())
         first = not self.pending
         self.pending.setdefault(key, []).append(request)
+        self.last_arrival = asyncio.get_running_loop().time()
         if first:  # keep a reference: asyncio holds tasks only weakly
             task = asyncio.get_running_loop().create_task(self._drain())
             self.drains.add(task)
@@ -130,10 +140,22 @@ class HFServer:
                            log_probs=request.logprobs if params.get("logprobs") else None,
                            stop_reason="completed", extra_fields={"global_steps": self.global_steps})
 
+    async def _gather(self):
+        """Wait for the rest of the batch whose first request just arrived (see GATHER_QUIET_S)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + GATHER_MAX_S
+        while loop.time() < deadline:
+            if sum(map(len, self.pending.values())) >= self.config.max_num_seqs:
+                return
+            quiet_until = self.last_arrival + GATHER_QUIET_S
+            if loop.time() >= quiet_until:
+                return
+            await asyncio.sleep(min(quiet_until, deadline) - loop.time())
+
     async def _drain(self):
-        await asyncio.sleep(GATHER_SECONDS)
         async with self.lock:  # a second drain task finds the queue empty and returns
             while self.pending:
+                await self._gather()
                 key = next(iter(self.pending))
                 queue = self.pending.pop(key)
                 batch, rest = queue[: self.config.max_num_seqs], queue[self.config.max_num_seqs:]
@@ -150,6 +172,7 @@ class HFServer:
 
     @torch.no_grad()
     def _decode(self, batch: list[_Request], temperature: float, top_k: int, top_p: float):
+        self.batches += 1
         if not self.awake:  # asked to generate while asleep: wake up rather than fail
             self.model.to(self.device)
             self.awake = True

@@ -2,6 +2,8 @@
 `resolve_init`. The LoRA checkpoint comes from one real SFT run (1 rank, CPU) shared by the slow tests."""
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -141,3 +143,16 @@ def test_full_checkpoint_export_copies_the_hf_model(tiny_model, tmp_path):
     assert not result["lora"] and "adapter" not in result
     assert sorted(p.name for p in Path(result["hf"]).iterdir()) == sorted(
         [p.name for p in tiny_model.iterdir()] + ["ladder_export.json"])
+
+
+def test_checkpoint_trained_with_ladder_varlen_exports_a_folder_that_loads_anywhere(tiny_model, tmp_path):
+    """verl writes the training attention into config.json; ladder_varlen exists only where ladder is imported."""
+    step = tmp_path / "global_step_1"
+    shutil.copytree(tiny_model, step / "huggingface")
+    config = json.loads((step / "huggingface" / "config.json").read_text())
+    (step / "huggingface" / "config.json").write_text(json.dumps({**config, "attn_implementation": "ladder_varlen"}))
+    result = export(step, tmp_path / "out")
+    assert "attn_implementation" not in json.loads(Path(result["hf"], "config.json").read_text())
+    load = "from transformers import AutoModelForCausalLM as M; import sys; M.from_pretrained(sys.argv[1])"
+    done = subprocess.run([sys.executable, "-c", load, result["hf"]], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]

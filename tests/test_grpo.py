@@ -63,6 +63,19 @@ def test_hf_server_sampling_logprobs_follow_temperature(server):
     assert torch.allclose(torch.tensor(out.log_probs), reference.detach(), atol=1e-4)
 
 
+def test_hf_server_decodes_requests_sent_in_bursts_as_one_batch(server):
+    """verl's agent-loop workers send a step's requests in bursts; one decode must serve them all."""
+    async def go():
+        async def burst(delay, prompts):
+            await asyncio.sleep(delay)
+            return await asyncio.gather(*[server.generate(p, {"temperature": 0}, str(i)) for i, p in enumerate(prompts)])
+        return await asyncio.gather(burst(0.0, PROMPTS[:1]), burst(0.2, PROMPTS[1:2]), burst(0.4, PROMPTS[2:]))
+
+    before = server.batches
+    outs = [o for burst in asyncio.run(go()) for o in burst]
+    assert server.batches - before == 1 and all(o.token_ids for o in outs)
+
+
 def test_pick_top_k_one_is_greedy_and_top_p_keeps_the_head():
     from stages.hf_rollout import pick
 
@@ -137,7 +150,9 @@ def test_two_grpo_steps_on_cpu_change_the_actor_and_log_metrics(tiny_model, gsm8
 def test_lora_grpo_on_cpu_syncs_merged_weights_and_exports_the_adapter(tiny_model, gsm8k_dir, tmp_path):
     if find_spec("cachetools") is None:
         pytest.fail("verl's main_ppo imports cachetools (verl's verl-core extra): add it to pyproject.toml")
-    argv = [*CPU_RUN, "--init", str(tiny_model), f"run.output_dir={tmp_path}", "--use_lora", "--lora_rank", "4"]
+    # also the plumbing of ladder's varlen attention into verl's Ray workers (on CPU: its per-sample path)
+    argv = [*CPU_RUN, "--init", str(tiny_model), f"run.output_dir={tmp_path}", "--use_lora", "--lora_rank", "4",
+            "--attn", "ladder_varlen"]
     assert stages_main(argv) == 0
     out = tmp_path / "r" / "grpo"
     manifest = json.loads((out / "manifest.json").read_text())
@@ -193,6 +208,8 @@ def test_default_vllm_command_fits_verls_schema(tiny_model, rl_files, capsys, mo
     assert (ar.actor.use_kl_loss, ar.actor.kl_loss_coef, ar.actor.entropy_coeff) == (True, 0.001, 0.0)
     assert (ar.rollout.val_kwargs.temperature, ar.rollout.val_kwargs.do_sample) == (0, False)
     assert ar.model.path == str(tiny_model) and ar.model.lora_rank == 0
+    # a CUDA launch without flash-attn trains on packed rows through ladder's varlen attention
+    assert (ar.model.override_config.attn_implementation, ar.model.external_lib) == ("ladder_varlen", "stages.attention")
     assert cfg.reward.custom_reward_function.path == str(REPO / "rewards" / "__init__.py")
     assert cfg.reward.custom_reward_function.name == "compute_score"
     assert "wandb" not in cfg.trainer.logger and {"console", "tensorboard"} <= set(cfg.trainer.logger)
