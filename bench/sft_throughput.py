@@ -26,7 +26,8 @@ still allows it; results are written to `--out` after each one.
   4. `--hand`: a hand-written loop on the same rows: padded batches of 12, fp32 weights with bf16
      autocast, SDPA, gradient checkpointing, AdamW.
 MFU = 6 · parameters · tokens/s / 989 TFLOP/s (H100 bf16 dense; LoRA does fewer FLOPs than 6N).
-"max |Δloss| vs ref": against the first unpacked (else sdpa) run of the same shape, over common steps.
+"max |Δloss| vs ref": against the first unpacked (else sdpa) run of the same shape and batch size, over
+the steps both ran (same rows, same initial weights, constant lr).
 """
 from __future__ import annotations
 
@@ -63,6 +64,10 @@ def variant_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_tokens", type=int, default=None, help="data.max_token_len_per_gpu")
     p.add_argument("--lora", type=int, default=0, metavar="RANK", help="LoRA of this rank (0: full)")
     p.add_argument("--compile", action="store_true", help="engine.use_torch_compile")
+    p.add_argument("--fused_adam", action="store_true", help="torch's fused AdamW (optim.override_optimizer_config)")
+    p.add_argument("--no_reshard", action="store_true",
+                   help="engine.reshard_after_forward=false: one GPU keeps the bf16 weights between forward and backward")
+    p.add_argument("--workers", type=int, default=None, help="data.num_workers (data loader processes)")
     p.add_argument("--unpacked", action="store_true", help="model.use_remove_padding=false (the reference)")
     p.add_argument("--batch_size", type=int, default=None, help="global batch in rows (default config.yaml's)")
     p.add_argument("--steps", type=int, default=10, help="measured steps")
@@ -118,6 +123,9 @@ def label(v) -> str:
     parts = [v.shape, v.attn] + (["unpacked"] if v.unpacked else []) + (["liger"] if v.liger else [])
     parts += [f"ce:{v.fused_ce}"] if v.fused_ce != "off" else []
     parts += ["no-ckpt" if v.no_grad_ckpt else "ckpt"] + ([f"{v.max_tokens} tok"] if v.max_tokens else [])
+    parts += [f"batch {v.batch_size}"] if v.batch_size else []
+    parts += (["fused-adam"] if v.fused_adam else []) + (["no-reshard"] if v.no_reshard else [])
+    parts += [f"{v.workers} workers"] if v.workers is not None else []
     parts += ([f"lora{v.lora}"] if v.lora else []) + (["compile"] if v.compile else []) + v.set + v.verl
     return " ".join(parts)
 
@@ -229,12 +237,14 @@ def verl_overrides(v, model: Path, parquet: Path, work: Path, device: str) -> li
          f"trainer.total_training_steps={steps}", "sft.epochs=100", "sft.save_freq=-1",
          # a constant lr: variants of different lengths see the same lr at step k, so losses compare
          "sft.warmup_ratio=0", "sft.verl.optim.lr_scheduler_type=constant"]
-    if v.attn == "ladder_varlen":
-        o.append("++sft.verl.model.external_lib=stages.attention")
-    if v.liger:
-        o.append("++sft.verl.model.use_liger=true")
-    if v.fused_ce != "off":
-        o += ["++sft.verl.model.use_fused_kernels=true", f"++sft.verl.model.fused_kernel_options.impl_backend={v.fused_ce}"]
+    # the stage adds the verl keys for these (stages/sft.py kernels()), as it does for config.yaml's defaults
+    o += [f"model.liger={str(v.liger).lower()}", f"model.fused_ce={v.fused_ce}"]
+    if v.fused_adam:
+        o.append("+sft.verl.optim.override_optimizer_config.fused=true")
+    if v.no_reshard:
+        o.append("+sft.verl.engine.reshard_after_forward=false")
+    if v.workers is not None:
+        o.append(f"sft.verl.data.num_workers={v.workers}")
     if v.no_grad_ckpt:
         o.append("model.gradient_checkpointing=false")
     if v.max_tokens:
@@ -247,7 +257,7 @@ def verl_overrides(v, model: Path, parquet: Path, work: Path, device: str) -> li
         o.append("sft.verl.model.use_remove_padding=false")
     if v.batch_size:
         o.append(f"sft.batch_size={v.batch_size}")
-    if device == "cpu":
+    if device == "cpu" and v.workers is None:
         o.append("sft.verl.data.num_workers=0")
     return o + v.set
 
@@ -314,7 +324,7 @@ def run_verl(v, model: Path, parquet: Path, work: Path, args, time_left: float) 
         finally:  # also when interrupted: leave no trainer holding the GPU
             stop(proc)
     result = {"name": v.name, "kind": "verl", "shape": v.shape, "status": status, "log": str(log),
-              "reference": v.unpacked or v.attn == "sdpa",
+              "reference": v.unpacked or v.attn == "sdpa", "batch_size": v.batch_size,
               "startup_s": round(seen[0][0] - t0, 1) if seen else None, "wall_s": round(time.time() - t0, 1),
               "peak_smi_gib": smi.done(), "command": shlex.join(cmd),
               "losses": [round(m["train/loss"], 4) for _, m in seen if "train/loss" in m]}
@@ -423,11 +433,11 @@ def worker(kind: str, v, args, time_left: float) -> dict:
 # ---- report
 def table(results: list[dict]) -> str:
     hand = {r["shape"]: r["tokens_per_s"] for r in results if r["kind"] == "hand" and r.get("tokens_per_s")}
-    # the loss reference: the first unpacked (else sdpa) verl run of the same shape
+    # the loss reference: the first unpacked (else sdpa) verl run of the same shape and batch (same rows per step)
     refs = {}
     for r in sorted(results, key=lambda r: "unpacked" not in r["name"]):
         if r.get("reference") and r.get("losses"):
-            refs.setdefault(r["shape"], r)
+            refs.setdefault((r["shape"], r.get("batch_size")), r)
     head = ["variant", "tokens/s", "x hand", "MFU 6N", "verl MFU", "alloc GiB", "smi GiB", "loss first→last",
             "max |Δloss| vs ref", "startup s", "status"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -438,7 +448,7 @@ def table(results: list[dict]) -> str:
         cells = [r["name"], f"{tps:,.0f}" if tps else "", ratio, fmt(r.get("mfu_6n"), "{:.1%}"),
                  fmt(r.get("verl_mfu"), "{:.1%}"), fmt(r.get("peak_allocated_gib"), "{:.1f}"),
                  fmt(r.get("peak_smi_gib"), "{:.1f}"), f"{losses[0]} → {losses[-1]}" if losses else "",
-                 loss_gap(r, refs.get(r["shape"])),
+                 loss_gap(r, refs.get((r["shape"], r.get("batch_size")))),
                  fmt(r.get("startup_s"), "{:.0f}"), r["status"]]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -59,7 +59,7 @@ def _raw(path: Path) -> DictConfig:
 
 
 # verl keys whose value is a free-form dict (empty in verl's schema): their items go as `++key.a=b`
-FREE_FORM = ("override_config", "apply_chat_template_kwargs", "engine_kwargs")
+FREE_FORM = ("override_config", "apply_chat_template_kwargs", "engine_kwargs", "override_optimizer_config")
 
 
 def flatten(node: Any, prefix: str = "") -> list[str]:

@@ -10,7 +10,10 @@
 The launch is `python -m torch.distributed.run` (torchrun) of this interpreter: `--standalone` on one
 node, `--nnodes/--node_rank/--master_addr/--master_port` on several (all nodes must share
 outputs/, as verl resumes from and writes checkpoints to one folder). Where ladder departs from verl:
-  - attention `sdpa` (verl defaults to flash_attention_2, which needs the flash-attn package);
+  - kernels (`kernels()`, measured in docs/benchmarks.md): on CUDA without flash-attn the attention
+    is `ladder_varlen` (stages/attention.py, loaded through verl's model.external_lib; verl's default
+    flash_attention_2 needs the flash-attn package, and sdpa over packed rows builds a dense mask),
+    with liger-kernel and the fused (triton) loss when installed; on CPU plain sdpa;
   - torch.compile off, dynamic batching on, cosine schedule with 5% warmup, lr 1e-5;
   - checkpoints also hold `huggingface/` weights (`hf_model`), so export needs no merger run;
   - loggers: console, TensorBoard and verl's JSONL `file` logger; wandb only when WANDB_PROJECT is
@@ -80,9 +83,45 @@ def loggers(cfg) -> list[str]:
     return names
 
 
+def kernels(cfg) -> dict:
+    """config.yaml's model.attn_implementation / liger / fused_ce, with `auto` decided for this machine.
+
+    auto on CUDA: flash_attention_2 when flash-attn imports, else ladder_varlen when this torch has
+    its varlen flash kernel, else sdpa; liger when liger_kernel imports; the fused loss through
+    triton when triton imports. auto on CPU: sdpa, no liger, no fused loss.
+    """
+    from importlib.util import find_spec
+
+    m, cuda = cfg.model, cfg.launch.device == "cuda"
+    attn = str(m.attn_implementation)
+    if attn == "auto":
+        attn = ("sdpa" if not cuda else "flash_attention_2" if find_spec("flash_attn")
+                else "ladder_varlen" if find_spec("torch.nn.attention.varlen") else "sdpa")
+    liger = cuda and find_spec("liger_kernel") is not None if str(m.liger) == "auto" else bool(m.liger)
+    fused = "off" if m.fused_ce in (False, None) else str(m.fused_ce)  # YAML reads a bare `off` as false
+    if fused == "auto":
+        fused = "triton" if cuda and find_spec("triton") else "off"
+    if fused not in ("off", "torch", "triton", "liger"):
+        raise SystemExit(f"[sft] model.fused_ce={fused}: use auto, off, or a verl backend: torch, triton, liger")
+    return {"attn": attn, "liger": liger, "fused_ce": fused}
+
+
+def kernel_keys(cfg, section, prefix: str = "model.") -> list[str]:
+    """verl keys for kernels(cfg); a key the user already set in the stage's `verl:` block wins."""
+    k = kernels(cfg)
+    keys = {"override_config.attn_implementation": k["attn"], "use_liger": k["liger"],
+            "use_fused_kernels": k["fused_ce"] != "off"}
+    if k["fused_ce"] != "off":
+        keys["fused_kernel_options.impl_backend"] = k["fused_ce"]
+    if k["attn"] == "ladder_varlen":  # verl imports it in every process that builds the model
+        keys["external_lib"] = "stages.attention"
+    return [f"++{prefix}{key}={str(value).lower() if isinstance(value, bool) else value}"
+            for key, value in keys.items() if OmegaConf.select(section, prefix + key) is None]
+
+
 def verl_overrides(cfg, out: Path, train: str, val: str | None) -> list[str]:
     resume = cfg.sft.resume_from
-    keys = flatten(cfg.sft.verl) + [
+    keys = flatten(cfg.sft.verl) + kernel_keys(cfg, cfg.sft.verl) + [
         f"data.train_files={train}",
         f"data.val_files={val or 'null'}",
         f"trainer.default_local_dir={out.resolve()}",
@@ -133,7 +172,7 @@ def check_cpu(cfg) -> None:
     if cfg.sft.verl.engine.strategy != "fsdp2":
         raise SystemExit(f"[sft] launch.device=cpu runs only with FSDP2 (got model.strategy="
                          f"{cfg.sft.verl.engine.strategy}); pass --strategy fsdp2")
-    attn = OmegaConf.select(cfg.sft.verl, "model.override_config.attn_implementation")
+    attn = OmegaConf.select(cfg.sft.verl, "model.override_config.attn_implementation") or kernels(cfg)["attn"]
     if attn not in ("sdpa", "eager"):
         raise SystemExit(f"[sft] launch.device=cpu needs attention sdpa or eager (got {attn}); pass --attn sdpa")
 

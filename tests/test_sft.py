@@ -163,7 +163,10 @@ def test_dry_run_default_command(capsys, train_file, tmp_path):
     line, config = dry_run(capsys, "--train_data", train_file, f"run.output_dir={tmp_path}", "run.name=x")
     assert line.startswith(f"{sys.executable} -m torch.distributed.run --standalone --nnodes=1 --nproc_per_node=1 "
                            "-m verl.trainer.sft_trainer ")
-    for key in ("engine.strategy=fsdp2", "model.lora_rank=0", "++model.override_config.attn_implementation=sdpa",
+    # a CUDA launch without flash-attn: ladder's varlen attention, fused AdamW, 32k-token micro-batches
+    for key in ("engine.strategy=fsdp2", "model.lora_rank=0", "++model.override_config.attn_implementation=ladder_varlen",
+                "++model.external_lib=stages.attention", "++optim.override_optimizer_config.fused=true",
+                "data.max_token_len_per_gpu=32768",
                 "optim.lr=1e-05", "trainer.total_epochs=3", "trainer.max_ckpt_to_keep=2", "trainer.resume_mode=auto",
                 f"data.train_files={train_file}", f"trainer.default_local_dir={tmp_path.resolve() / 'x' / 'sft'}",
                 "trainer.experiment_name=x-sft", "'checkpoint.save_contents=[model,optimizer,extra,hf_model]'"):
@@ -271,7 +274,38 @@ def composed(argv):
 def test_composed_overrides_fit_verls_schema(argv):
     verl_cfg = verl_schema_compose(composed(argv))
     assert verl_cfg.trainer.default_local_dir == "/tmp/x/sft"
-    assert verl_cfg.model.override_config.attn_implementation == "sdpa"
+    cpu = "--device" in argv
+    assert verl_cfg.model.override_config.attn_implementation == ("sdpa" if cpu else "ladder_varlen")
+    assert verl_cfg.model.external_lib == (None if cpu else "stages.attention")
+
+
+@pytest.mark.parametrize("device,installed,overrides,expect", [
+    ("cuda", {"flash_attn", "liger_kernel", "triton"}, [], ("flash_attention_2", True, "triton")),
+    ("cuda", set(), [], ("ladder_varlen", False, "off")),
+    ("cpu", {"flash_attn", "liger_kernel", "triton"}, [], ("sdpa", False, "off")),
+    ("cuda", {"liger_kernel", "triton"}, ["model.attn_implementation=eager", "model.liger=false",
+                                          "model.fused_ce=off"], ("eager", False, "off")),
+    ("cpu", set(), ["model.liger=true", "model.fused_ce=torch"], ("sdpa", True, "torch")),
+])
+def test_auto_kernels_follow_what_the_machine_has(monkeypatch, device, installed, overrides, expect):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: (
+        object() if name in installed else None if name in ("flash_attn", "liger_kernel", "triton") else real(name)))
+    cfg = load_config("sft", [f"launch.device={device}", *overrides])
+    k = sft.kernels(cfg)
+    assert (k["attn"], k["liger"], k["fused_ce"]) == expect
+
+
+def test_unknown_fused_loss_backend_is_refused():
+    with pytest.raises(SystemExit, match="model.fused_ce=fast"):
+        sft.kernels(load_config("sft", ["model.fused_ce=fast"]))
+
+
+def test_a_kernel_key_set_in_the_verl_block_wins():
+    keys = composed(["--attn", "sdpa", "+sft.verl.model.use_liger=true"])
+    assert "model.use_liger=true" in keys and not any(k.startswith("++model.use_liger") for k in keys)
 
 
 @pytest.mark.parametrize("key", ["trainer.totl_epochs=5", "optim.learning_rate=1e-4", "data.max_len=128"])
