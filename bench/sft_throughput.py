@@ -240,9 +240,9 @@ def verl_overrides(v, model: Path, parquet: Path, work: Path, device: str) -> li
     # the stage adds the verl keys for these (stages/sft.py kernels()), as it does for config.yaml's defaults
     o += [f"model.liger={str(v.liger).lower()}", f"model.fused_ce={v.fused_ce}"]
     if v.fused_adam:
-        o.append("+sft.verl.optim.override_optimizer_config.fused=true")
+        o.append("++sft.verl.optim.override_optimizer_config.fused=true")
     if v.no_reshard:
-        o.append("+sft.verl.engine.reshard_after_forward=false")
+        o.append("++sft.verl.engine.reshard_after_forward=false")
     if v.workers is not None:
         o.append(f"sft.verl.data.num_workers={v.workers}")
     if v.no_grad_ckpt:
