@@ -5,9 +5,11 @@ rewarded by ladder's own grader (rewards.compute_score), then export and a manif
     ./train.sh --stage grpo --init outputs/<run>/sft --rollout hf           # no vLLM: transformers rollout
     N_GPUS=8 ./train.sh --stage grpo --init outputs/<run>/sft               # one node, 8 GPUs
     N_GPUS=8 NNODES=2 NODE_RANK=0 MASTER_ADDR=10.0.0.1 ./train.sh --stage grpo --init …   # on each node,
-        its own NODE_RANK: node 0 starts a Ray head on MASTER_PORT, waits for NNODES nodes and trains;
-        the others join it (`ray start --address … --block`) and return when it finishes; outputs/
-        must be one shared folder, as every rank writes its checkpoint shard there
+        its own NODE_RANK: node 0 starts a Ray head on MASTER_PORT, waits for NNODES nodes, trains and
+        stops its own Ray (not `ray stop`, which stops every Ray of its host); the others join it (`ray
+        start --address … --block`) and return once they lose it (Ray waits 60 s); `launch.ray_start_args`
+        adds flags to every `ray start`; outputs/ must be one shared folder, as every rank writes its
+        checkpoint shard there
     ./train.sh --stage grpo --init outputs/<run>/sft --dry_run             # print the command and config
 
 Each step samples `grpo.group_size` completions for each of `grpo.batch_size` training prompts, scores
@@ -37,6 +39,7 @@ import copy
 import json
 import os
 import shlex
+import socket
 import subprocess
 import sys
 import time
@@ -46,7 +49,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from stages.common import REPO, flatten, read_manifest, stage_dir, write_manifest
-from stages.sft import environment, kernels, latest_step, loggers, read_metrics
+from stages.sft import CPU_ENV, environment, kernels, latest_step, loggers, read_metrics
 
 RL_COLUMNS = ("data_source", "prompt", "reward_model")
 
@@ -176,6 +179,8 @@ def grpo_environment(cfg, out: Path | None) -> dict[str, str]:
     """The trainer's environment; out=None: only what a Ray process needs (for another node's `ray start`)."""
     if out is None:
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+        if cfg.launch.device == "cpu":  # that node's workers start from its raylet's environment
+            env.update(CPU_ENV)
     else:
         env = environment(cfg, out.resolve())  # PYTHONPATH, metrics/TensorBoard paths, wandb, CPU platform
     env["VERL_USE_EXTERNAL_MODULES"] = external_modules(cfg)
@@ -184,10 +189,56 @@ def grpo_environment(cfg, out: Path | None) -> dict[str, str]:
 
 # ---- several nodes: one Ray cluster, main_ppo on the head
 def ray_commands(cfg) -> list[str]:
+    """This node's `ray start`, blocking: stopping it stops this node's Ray and no other Ray of its host."""
     launch, ray = cfg.launch, str(Path(sys.executable).with_name("ray"))
+    extra = shlex.split(str(launch.ray_start_args or ""))
     if int(launch.node_rank) == 0:
-        return [ray, "start", "--head", f"--node-ip-address={launch.master_addr}", f"--port={launch.master_port}"]
-    return [ray, "start", f"--address={launch.master_addr}:{launch.master_port}", "--block"]
+        return [ray, "start", "--head", f"--node-ip-address={launch.master_addr}", f"--port={launch.master_port}",
+                "--block", *extra]
+    return [ray, "start", f"--address={launch.master_addr}:{launch.master_port}", "--block", *extra]
+
+
+def agree_on_ray_auth() -> None:
+    """`ray start --head` turns token auth on by itself when it finds a token (any earlier local ray.init
+    writes ~/.ray/auth_token), but a node joining it or a client connecting to it does not: without
+    RAY_AUTH_MODE=token they are refused. Set here, it reaches this process and every one it starts."""
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token"
+    if os.environ.get("RAY_AUTH_TOKEN") or Path(path).is_file():
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
+
+
+def answers(addr: str, port: int) -> bool:
+    try:
+        socket.create_connection((addr, port), timeout=5).close()
+        return True
+    except OSError:
+        return False
+
+
+def start_head(cfg, env: dict[str, str]) -> subprocess.Popen:
+    """The Ray head, in the background, once its port answers."""
+    addr, port = str(cfg.launch.master_addr), int(cfg.launch.master_port)
+    if answers(addr, port):
+        raise SystemExit(f"[grpo] {addr}:{port} (MASTER_ADDR:MASTER_PORT) is taken: if an old Ray head still runs "
+                         "there, stop it (`ray stop`), or choose another MASTER_PORT")
+    head = subprocess.Popen(ray_commands(cfg), env=env)
+    while not answers(addr, port):
+        if head.poll() is not None:
+            raise SystemExit(f"[grpo] the Ray head did not start: {shlex.join(head.args)} exited {head.returncode}")
+        time.sleep(1)
+    return head
+
+
+def stop_head(head: subprocess.Popen, port: int) -> None:
+    """Stop this node's Ray; the other nodes' `ray start --block` exit once they lose it (Ray: 60 s)."""
+    from ray._common.utils import get_ray_address_file
+
+    head.terminate()
+    head.wait()
+    # as `ray stop` does: a plain ray.init() on this host would try to join the cluster named here
+    named = Path(get_ray_address_file(None))
+    if named.is_file() and named.read_text().strip().endswith(f":{port}"):
+        named.unlink()
 
 
 def wait_for_nodes(address: str, nnodes: int, timeout_s: float = 1800) -> None:
@@ -209,6 +260,8 @@ def wait_for_nodes(address: str, nnodes: int, timeout_s: float = 1800) -> None:
 # ---- the stage
 def run(cfg, args) -> int:
     multinode = int(cfg.launch.nnodes) > 1
+    if multinode and not args.dry_run:
+        agree_on_ray_auth()
     if multinode and int(cfg.launch.node_rank) != 0:  # this node only lends its GPUs to the head's cluster
         cmd = ray_commands(cfg)
         print(shlex.join(cmd) if args.dry_run else f"[grpo] node {cfg.launch.node_rank}: {shlex.join(cmd)}", flush=True)
@@ -233,21 +286,21 @@ def run(cfg, args) -> int:
                                    "(load_format=safetensors)" if rollout == "vllm" else "merged into the weights"))
     write_manifest(out, status="running", **record)
     env = grpo_environment(cfg, out)
-    if multinode:
-        if subprocess.call(ray_commands(cfg), env=env):
-            print("[grpo] could not start the Ray head; if an old one still runs here, `ray stop` it", file=sys.stderr)
-            return 1
-        address = f"{cfg.launch.master_addr}:{cfg.launch.master_port}"
-        wait_for_nodes(address, int(cfg.launch.nnodes))
-        env["RAY_ADDRESS"] = address
-    else:  # one node: a Ray of its own, even where another job's cluster runs (ray.init would join it)
+    # verl's TaskRunner, which logs, may run on another node, whose raylet's environment lacks these
+    cmd += [f"+ray_kwargs.ray_init.runtime_env.env_vars.{key}={env[key]}"
+            for key in ("VERL_FILE_LOGGER_PATH", "TENSORBOARD_DIR")]
+    head = start_head(cfg, env) if multinode else None
+    if not head:  # one node: a Ray of its own, even where another job's cluster runs (ray.init would join it)
         env.setdefault("RAY_ADDRESS", "local")
-    print("[grpo] " + shlex.join(cmd), flush=True)
     try:
+        if head:
+            env["RAY_ADDRESS"] = f"{cfg.launch.master_addr}:{cfg.launch.master_port}"
+            wait_for_nodes(env["RAY_ADDRESS"], int(cfg.launch.nnodes))
+        print("[grpo] " + shlex.join(cmd), flush=True)
         rc = subprocess.call(cmd, env=env, cwd=REPO)
     finally:
-        if multinode:  # the other nodes' `ray start --block` return once the head is gone
-            subprocess.call([str(Path(sys.executable).with_name("ray")), "stop"], env=env)
+        if head:
+            stop_head(head, int(cfg.launch.master_port))
     if rc:
         print(f"[grpo] verl's trainer exited with {rc}; rerun the same command to resume from the last "
               f"checkpoint in {out}", file=sys.stderr)

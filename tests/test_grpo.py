@@ -1,10 +1,17 @@
 """GRPO stage: the hf rollout server on its own, a real 2-step GRPO through verl's main_ppo on CPU, and the
 composed command checked against verl's own config schema (vLLM, LoRA, several nodes)."""
 import asyncio
+import contextlib
 import json
 import os
+import secrets
 import shlex
+import shutil
+import signal
+import socket
 import subprocess
+import sys
+import tempfile
 from importlib.util import find_spec
 from pathlib import Path
 
@@ -146,6 +153,104 @@ def test_two_grpo_steps_on_cpu_change_the_actor_and_log_metrics(tiny_model, gsm8
     AutoModelForCausalLM.from_pretrained(manifest["hf_model"])
 
 
+# Ray's own record of where verl's training workers ran, read while the cluster is up (it keeps dead actors)
+WATCH_WORKERS = """
+import json, socket, sys, time
+from ray.util.state import list_actors, list_nodes
+address, deadline = sys.argv[1], time.time() + float(sys.argv[2])
+while time.time() < deadline:
+    try:
+        host, port = address.split(":")
+        socket.create_connection((host, int(port)), timeout=2).close()  # asked before the head is up, it hangs
+        workers = [a for a in list_actors(address=address, detail=True)
+                   if a.class_name.endswith(".WorkerDict") and a.node_id]  # placed, not pending
+        if len(workers) >= 2:
+            nodes = {n.node_id: n.is_head_node for n in list_nodes(address=address)}
+            print(json.dumps({"workers": [(a.name, a.node_id) for a in workers], "nodes": nodes}))
+            sys.exit(0)
+    except Exception as err:  # the head or its dashboard is not up yet
+        print(repr(err)[:300], file=sys.stderr, flush=True)
+    time.sleep(2)
+sys.exit(1)
+"""
+
+
+def free_ports(n):
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def tail(path, lines=40):
+    return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:])
+
+
+@pytest.mark.slow
+def test_two_node_grpo_on_one_host_trains_on_both_ray_nodes(tiny_model, gsm8k_dir, tmp_path):
+    """NODE_RANK=1 and NODE_RANK=0 of `./train.sh --stage grpo` on this host: two Ray nodes, one verl run."""
+    port, dashboard, agent = free_ports(3)
+    token = tmp_path / "ray_token"  # a cluster token of the test's own (the stage turns token auth on for it)
+    token.write_text(secrets.token_hex(32))
+    env = dict(os.environ, N_GPUS="1", NNODES="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+               RAY_AUTH_TOKEN_PATH=str(token), RAY_USAGE_STATS_ENABLED="0",
+               RAY_gcs_rpc_server_reconnect_timeout_s="15",  # node 1 gives the stopped head 15 s, not 60
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")  # train.sh: this python
+    # One Ray CPU per node stands for its one device (N_GPUS=1): verl's per-node placement groups cannot
+    # share a node. The cluster keeps its files (and its address, which a plain ray.init() on this host
+    # would join) in a temp dir of its own, short for Ray's socket paths; node 1's dashboard agent must
+    # not take the head's port.
+    temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
+    ray_args = {0: f"'--num-cpus 1 --temp-dir {temp} --dashboard-port {dashboard}'",
+                1: f"'--num-cpus 1 --dashboard-agent-listen-port {agent}'"}
+    run = [a for a in CPU_RUN if not a.startswith("ray_kwargs.ray_init.num_cpus")]  # ray.init joins the cluster
+    argv = ["./train.sh", *run, "--init", str(tiny_model), f"run.output_dir={tmp_path}"]
+    ranks, logs = {}, {r: tmp_path / f"rank{r}.log" for r in (1, 0)}
+    try:
+        for r in (1, 0):
+            with logs[r].open("w") as log:
+                ranks[r] = subprocess.Popen([*argv, f"launch.ray_start_args={ray_args[r]}"], cwd=REPO,
+                                            env=dict(env, NODE_RANK=str(r)), stdout=log, stderr=subprocess.STDOUT,
+                                            start_new_session=True)
+        watch = subprocess.run([sys.executable, "-c", WATCH_WORKERS, f"127.0.0.1:{port}", "180"], cwd=REPO,
+                               env=dict(env, RAY_AUTH_MODE="token"), capture_output=True, text=True, timeout=200)
+        assert ranks[0].wait(timeout=240) == 0, tail(logs[0])
+        assert ranks[1].wait(timeout=60) == 0, tail(logs[1])  # it returns once the head has stopped
+    finally:
+        sessions = {proc.pid for proc in ranks.values()}  # each rank leads a session: every Ray process it
+        for pid in map(int, filter(str.isdigit, os.listdir("/proc"))):  # started is in it (workers too)
+            with contextlib.suppress(OSError):
+                if os.getsid(pid) in sessions:
+                    os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(temp, ignore_errors=True)
+
+    out = tmp_path / "r" / "grpo"
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert (manifest["status"], manifest["global_step"]) == ("done", 2)
+    assert sorted(grpo.read_metrics(out)) == [0, 1, 2]  # wherever verl's TaskRunner ran, its metrics came here
+    from safetensors.torch import load_file
+
+    before = load_file(str(tiny_model / "model.safetensors"))
+    after = load_file(str(Path(manifest["hf_model"]) / "model.safetensors"))
+    assert any(not torch.equal(before[k], after[k].to(before[k].dtype)) for k in before), "no weight changed"
+
+    # verl trained with world size 2: one FSDP shard per rank in its checkpoint
+    shards = sorted(p.name for p in (out / "global_step_2" / "actor").glob("model_world_size_*_rank_*.pt"))
+    assert shards == ["model_world_size_2_rank_0.pt", "model_world_size_2_rank_1.pt"]
+    # and its two training workers (named …WorkerDict_<node's placement group>:<local rank>) ran on the two
+    # nodes of the cluster: the head and the one that joined it
+    assert watch.returncode == 0, watch.stderr[-3000:]
+    seen = json.loads(watch.stdout)
+    print("verl's training workers and the Ray nodes:", seen)
+    workers = dict(seen["workers"])
+    assert sorted(name.rsplit("WorkerDict_", 1)[1] for name in workers) == ["0:0", "1:0"], workers
+    assert set(workers.values()) == set(seen["nodes"]) and len(seen["nodes"]) == 2, seen
+    assert sorted(seen["nodes"].values()) == [False, True], seen
+
+
 @pytest.mark.slow
 def test_lora_grpo_on_cpu_syncs_merged_weights_and_exports_the_adapter(tiny_model, gsm8k_dir, tmp_path):
     if find_spec("cachetools") is None:
@@ -259,7 +364,7 @@ def test_multinode_dry_run_from_env(tiny_model, rl_files):
     head = subprocess.run(argv, cwd=REPO, env=dict(env, NODE_RANK="0"), capture_output=True, text=True)
     assert head.returncode == 0, head.stderr
     ray_start, main_ppo = (shlex.split(line) for line in head.stdout.splitlines()[:2])
-    assert ray_start[1:] == ["start", "--head", "--node-ip-address=10.0.0.1", "--port=29600"]
+    assert ray_start[1:] == ["start", "--head", "--node-ip-address=10.0.0.1", "--port=29600", "--block"]
     assert {"trainer.nnodes=2", "trainer.n_gpus_per_node=8"} <= set(main_ppo_args(main_ppo))
     verl_schema_compose(main_ppo_args(main_ppo))
     worker = subprocess.run(argv, cwd=REPO, env=dict(env, NODE_RANK="1"), capture_output=True, text=True)
