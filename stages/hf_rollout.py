@@ -11,10 +11,10 @@ verl imports this module in every process (driver, task runner, workers, servers
 `VERL_USE_EXTERNAL_MODULES`, which stages/grpo.py sets for the whole Ray job.
 
 The server decodes with its own loop over a transformers model (KV cache, left padding): requests that
-arrive together (no gap of GATHER_QUIET_S) and share sampling settings are decoded as one batch. Each request is one sample:
-verl's trainer repeats every prompt `rollout.n` times before the agent loop sends them, so `n` needs
-nothing here. Sampling follows vLLM's semantics for the keys verl sends (temperature 0 = greedy, top_k
--1 = off, top_p), and the returned log-probs are vLLM's `processed_logprobs`: log-softmax of the
+arrive together (no gap of GATHER_QUIET_S) and share sampling settings are decoded as one batch. Each
+request is one sample: verl's trainer repeats every prompt `rollout.n` times before the agent loop sends
+them, so `n` needs nothing here. Sampling follows vLLM's semantics for the keys verl sends
+(temperature 0 = greedy, top_k -1 = off, top_p), and the returned log-probs are vLLM's `processed_logprobs`: log-softmax of the
 logits after temperature, top-k and top-p, at the sampled token.
 Departures: no tensor parallelism (grpo.py sets tp=1 for hf), no prefix cache, no multimodal input,
 repetition_penalty is ignored, LoRA weights must arrive merged (`actor_rollout_ref.model.lora.merge`).

@@ -106,8 +106,8 @@ def kernels(cfg) -> dict:
     return {"attn": attn, "liger": liger, "fused_ce": fused}
 
 
-def kernel_keys(cfg, section, prefix: str = "model.") -> list[str]:
-    """verl keys for kernels(cfg); a key the user already set in the stage's `verl:` block wins."""
+def kernel_keys(cfg) -> list[str]:
+    """verl keys for kernels(cfg); a key the user already set in `sft.verl` wins."""
     k = kernels(cfg)
     keys = {"override_config.attn_implementation": k["attn"], "use_liger": k["liger"],
             "use_fused_kernels": k["fused_ce"] != "off"}
@@ -115,13 +115,13 @@ def kernel_keys(cfg, section, prefix: str = "model.") -> list[str]:
         keys["fused_kernel_options.impl_backend"] = k["fused_ce"]
     if k["attn"] == "ladder_varlen":  # verl imports it in every process that builds the model
         keys["external_lib"] = "stages.attention"
-    return [f"++{prefix}{key}={str(value).lower() if isinstance(value, bool) else value}"
-            for key, value in keys.items() if OmegaConf.select(section, prefix + key) is None]
+    return [f"++model.{key}={str(value).lower() if isinstance(value, bool) else value}"
+            for key, value in keys.items() if OmegaConf.select(cfg.sft.verl, "model." + key) is None]
 
 
 def verl_overrides(cfg, out: Path, train: str, val: str | None) -> list[str]:
     resume = cfg.sft.resume_from
-    keys = flatten(cfg.sft.verl) + kernel_keys(cfg, cfg.sft.verl) + [
+    keys = flatten(cfg.sft.verl) + kernel_keys(cfg) + [
         f"data.train_files={train}",
         f"data.val_files={val or 'null'}",
         f"trainer.default_local_dir={out.resolve()}",
