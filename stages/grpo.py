@@ -49,7 +49,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from stages.common import REPO, flatten, read_manifest, stage_dir, write_manifest
-from stages.sft import CPU_ENV, environment, kernels, latest_step, loggers, read_metrics
+from stages.sft import CPU_ENV, environment, kernel_keys, latest_step, loggers, read_metrics
 
 RL_COLUMNS = ("data_source", "prompt", "reward_model")
 
@@ -156,12 +156,7 @@ def verl_overrides(cfg, out: Path, init: str, train: str, val: str, rollout: str
         f"+ray_kwargs.ray_init.runtime_env.env_vars.VERL_USE_EXTERNAL_MODULES={modules}",
     ]
     # the actor's and reference's packed forward passes; the hf rollout decodes with sdpa whatever this is
-    attn = kernels(cfg)["attn"]
-    model = cfg.grpo.verl.actor_rollout_ref.model
-    if OmegaConf.select(model, "override_config.attn_implementation") is None:
-        keys.append(f"++actor_rollout_ref.model.override_config.attn_implementation={attn}")
-    if attn == "ladder_varlen" and OmegaConf.select(model, "external_lib") is None:
-        keys.append("++actor_rollout_ref.model.external_lib=stages.attention")
+    keys += kernel_keys(cfg, cfg.grpo.verl.actor_rollout_ref.model, "actor_rollout_ref.model.", attention_only=True)
     if lora and rollout == "vllm":
         keys.append("actor_rollout_ref.rollout.load_format=safetensors")
     if lora and rollout == "hf":

@@ -106,22 +106,26 @@ def kernels(cfg) -> dict:
     return {"attn": attn, "liger": liger, "fused_ce": fused}
 
 
-def kernel_keys(cfg) -> list[str]:
-    """verl keys for kernels(cfg); a key the user already set in `sft.verl` wins."""
+def kernel_keys(cfg, model, prefix: str = "model.", attention_only: bool = False) -> list[str]:
+    """verl keys for kernels(cfg) under `prefix`; a key already set in `model` (the verl model block) wins.
+
+    GRPO takes the attention only: liger and the fused loss are not measured in its actor yet.
+    """
     k = kernels(cfg)
-    keys = {"override_config.attn_implementation": k["attn"], "use_liger": k["liger"],
-            "use_fused_kernels": k["fused_ce"] != "off"}
-    if k["fused_ce"] != "off":
-        keys["fused_kernel_options.impl_backend"] = k["fused_ce"]
+    keys = {"override_config.attn_implementation": k["attn"]}
     if k["attn"] == "ladder_varlen":  # verl imports it in every process that builds the model
         keys["external_lib"] = "stages.attention"
-    return [f"++model.{key}={str(value).lower() if isinstance(value, bool) else value}"
-            for key, value in keys.items() if OmegaConf.select(cfg.sft.verl, "model." + key) is None]
+    if not attention_only:
+        keys.update({"use_liger": k["liger"], "use_fused_kernels": k["fused_ce"] != "off"})
+        if k["fused_ce"] != "off":
+            keys["fused_kernel_options.impl_backend"] = k["fused_ce"]
+    return [f"++{prefix}{key}={str(value).lower() if isinstance(value, bool) else value}"
+            for key, value in keys.items() if OmegaConf.select(model, key) is None]
 
 
 def verl_overrides(cfg, out: Path, train: str, val: str | None) -> list[str]:
     resume = cfg.sft.resume_from
-    keys = flatten(cfg.sft.verl) + kernel_keys(cfg) + [
+    keys = flatten(cfg.sft.verl) + kernel_keys(cfg, cfg.sft.verl.model) + [
         f"data.train_files={train}",
         f"data.val_files={val or 'null'}",
         f"trainer.default_local_dir={out.resolve()}",
