@@ -63,17 +63,27 @@ def variant_parser() -> argparse.ArgumentParser:
     p.add_argument("--no_grad_ckpt", action="store_true")
     p.add_argument("--max_tokens", type=int, default=None, help="data.max_token_len_per_gpu")
     p.add_argument("--lora", type=int, default=0, metavar="RANK", help="LoRA of this rank (0: full)")
-    p.add_argument("--compile", action="store_true", help="engine.use_torch_compile")
+    p.add_argument("--compile", action="store_true",
+                   help="model.compile=inductor: torch.compile of every decoder layer (stages/compile.py)")
     p.add_argument("--fused_adam", action="store_true", help="torch's fused AdamW (optim.override_optimizer_config)")
     p.add_argument("--no_reshard", action="store_true",
                    help="engine.reshard_after_forward=false: one GPU keeps the bf16 weights between forward and backward")
     p.add_argument("--workers", type=int, default=None, help="data.num_workers (data loader processes)")
+    p.add_argument("--no_sync", action="store_true",
+                   help="engine.use_no_sync_for_gradient_accumulation: reduce gradients once a step, not per micro-batch")
+    p.add_argument("--pad_bucket", type=int, default=None, metavar="TOKENS",
+                   help="engine.pad_to_length with this bucket: packed rows padded to a multiple (fewer shapes)")
+    p.add_argument("--profile", action="store_true",
+                   help="verl's torch profiler on two steps after the timed ones: bench/trace_summary.py's "
+                        "breakdown lands in the results (the timed steps run unprofiled)")
     p.add_argument("--unpacked", action="store_true", help="model.use_remove_padding=false (the reference)")
     p.add_argument("--batch_size", type=int, default=None, help="global batch in rows (default config.yaml's)")
     p.add_argument("--steps", type=int, default=10, help="measured steps")
     p.add_argument("--warmup", type=int, default=2, help="steps run before timing starts (at least 1)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any other config.yaml / verl override, as ./train.sh takes it")
+    p.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
+                   help="an environment variable for the trainer, e.g. PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True")
     p.add_argument("--verl", action="append", default=[], metavar="KEY=VALUE",
                    help="a raw override appended to verl's command, for what config.yaml cannot say yet "
                         "(e.g. ++optim.override_optimizer_config.fused=true)")
@@ -109,7 +119,8 @@ def variants(args) -> list[argparse.Namespace]:
         out = []
         for spec in args.sweep:
             vp = variant_parser()
-            vp.set_defaults(**{**base, "set": list(base["set"]), "verl": list(base["verl"]), "name": None})
+            vp.set_defaults(**{**base, "set": list(base["set"]), "verl": list(base["verl"]), "env": list(base["env"]),
+                               "name": None})
             out.append(vp.parse_args(["--hand"] if spec.strip() == "hand" else shlex.split(spec)))
     for v in out:
         v.warmup = max(v.warmup, 1)  # the first timed step starts when the warmup's last line appears
@@ -126,7 +137,8 @@ def label(v) -> str:
     parts += [f"batch {v.batch_size}"] if v.batch_size else []
     parts += (["fused-adam"] if v.fused_adam else []) + (["no-reshard"] if v.no_reshard else [])
     parts += [f"{v.workers} workers"] if v.workers is not None else []
-    parts += ([f"lora{v.lora}"] if v.lora else []) + (["compile"] if v.compile else []) + v.set + v.verl
+    parts += (["no-sync"] if v.no_sync else []) + ([f"pad {v.pad_bucket}"] if v.pad_bucket else [])
+    parts += ([f"lora{v.lora}"] if v.lora else []) + (["compile"] if v.compile else []) + v.set + v.verl + v.env
     return " ".join(parts)
 
 
@@ -230,8 +242,16 @@ def build_model(shape: str, parquet: Path, out: Path, device: str) -> int:
 
 
 # ---- a verl variant: ladder's SFT command, timed from verl's own metrics file
+PROFILED = 2  # steps traced after the timed ones (the gap between them is the loop outside verl's step)
+
+
+def profile_dir(v, work: Path) -> Path:
+    return work / "profile" / slug(v.name)
+
+
 def verl_overrides(v, model: Path, parquet: Path, work: Path, device: str) -> list[str]:
-    steps = v.warmup + v.steps
+    # a profiled run traces steps W+S+1.. and one more step follows, so the run never ends (and saves) mid-trace
+    steps = v.warmup + v.steps + (PROFILED + 1 if v.profile else 0)
     o = [f"model.path={model}", f"data.train_file={parquet}", f"run.output_dir={work / 'runs'}",
          f"run.name={slug(v.name)}", f"model.attn_implementation={v.attn}", f"launch.device={device}",
          f"trainer.total_training_steps={steps}", "sft.epochs=100", "sft.save_freq=-1",
@@ -252,7 +272,15 @@ def verl_overrides(v, model: Path, parquet: Path, work: Path, device: str) -> li
     if v.lora:
         o += ["model.use_lora=true", f"model.lora_rank={v.lora}", f"model.lora_alpha={2 * v.lora}"]
     if v.compile:
-        o.append("sft.verl.engine.use_torch_compile=true")
+        o.append("model.compile=inductor")
+    if v.no_sync:
+        o.append("engine.use_no_sync_for_gradient_accumulation=true")
+    if v.pad_bucket:
+        o += ["engine.pad_to_length=true", f"engine.pad_to_length_bucket={v.pad_bucket}"]
+    if v.profile:
+        first = v.warmup + v.steps + 1
+        o += ["profiler.enable=true", "profiler.tool=torch", "profiler.ranks=[0]",
+              f"profiler.save_path={profile_dir(v, work)}", f"trainer.profile_interval=[{first},{first + PROFILED - 1}]"]
     if v.unpacked:
         o.append("sft.verl.model.use_remove_padding=false")
     if v.batch_size:
@@ -297,14 +325,21 @@ def run_verl(v, model: Path, parquet: Path, work: Path, args, time_left: float) 
     cfg = load_config("sft", verl_overrides(v, model, parquet, work, args.device))
     out = stage_dir(cfg, "sft")
     shutil.rmtree(out, ignore_errors=True)  # never resume from an earlier bench run
+    shutil.rmtree(profile_dir(v, work), ignore_errors=True)
     cmd = command(cfg, ladder_overrides(cfg, out, str(parquet), None) + v.verl)
     env = environment(cfg, out)
+    for item in v.env:
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"[bench] --env {item}: expected NAME=VALUE")
+        env[name] = value
     metrics_file, log = Path(env["VERL_FILE_LOGGER_PATH"]), out / "bench.log"
     print(f"[bench]   {shlex.join(cmd)}", flush=True)
     smi = SmiPeak(args.device)
     t0 = time.time()
     seen: list[tuple[float, dict]] = []  # (when the line appeared, the step's metrics)
-    status, offset = "timeout", 0
+    status, offset, trace = "timeout", 0, None
+    timed = v.warmup + v.steps
     with open(log, "w") as logf:
         proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
         try:
@@ -314,31 +349,54 @@ def run_verl(v, model: Path, parquet: Path, work: Path, args, time_left: float) 
                 now = time.time()
                 seen += [(now, json.loads(line)["data"]) for line in text[offset:end].splitlines() if line.strip()]
                 offset = max(offset, end)
-                if len(seen) >= v.warmup + v.steps:
+                if len(seen) >= timed and (not v.profile or (trace := finished_trace(profile_dir(v, work)))):
                     status = "ok"
                     break
                 if proc.poll() is not None:
                     status = f"exited {proc.returncode}"
                     break
-                time.sleep(0.02)
+                time.sleep(0.02 if len(seen) < timed else 0.5)
         finally:  # also when interrupted: leave no trainer holding the GPU
             stop(proc)
+    if v.profile and status == "timeout" and len(seen) >= timed:
+        status = "ok, no trace before the timeout"
     result = {"name": v.name, "kind": "verl", "shape": v.shape, "status": status, "log": str(log),
               "reference": v.unpacked or v.attn == "sdpa", "batch_size": v.batch_size,
               "startup_s": round(seen[0][0] - t0, 1) if seen else None, "wall_s": round(time.time() - t0, 1),
               "peak_smi_gib": smi.done(), "command": shlex.join(cmd),
-              "losses": [round(m["train/loss"], 4) for _, m in seen if "train/loss" in m]}
-    if len(seen) > v.warmup:  # timed from the warmup's last line to the last line seen
-        measured = seen[v.warmup:]
+              "losses": [round(m["train/loss"], 4) for _, m in seen[:timed] if "train/loss" in m]}
+    if len(seen) > v.warmup:  # timed from the warmup's last line to the last timed line (profiled steps excluded)
+        measured = seen[v.warmup:timed]
         tokens = sum(m["train/global_tokens"] for _, m in measured)
         result.update(tokens_per_s=tokens / (measured[-1][0] - seen[v.warmup - 1][0]),
                       measured_steps=len(measured), tokens_per_step=tokens / len(measured),
-                      verl_mfu=sum(m.get("train/mfu", 0) for _, m in measured) / len(measured))
+                      verl_mfu=sum(m.get("train/mfu", 0) for _, m in measured) / len(measured),
+                      step_s=[round(b[0] - a[0], 3) for a, b in zip(seen[v.warmup - 1:timed], measured)])
+    if trace:
+        from trace_summary import summarize
+
+        path, events = trace
+        result.update(trace=str(path), profile=summarize(events))
     for key in ("allocated", "reserved"):
         result[f"peak_{key}_gib"] = max((m.get(f"perf/max_memory_{key}_gb", 0) for _, m in seen), default=None)
     if status != "ok":
         result["log_tail"] = log.read_text()[-3000:]
     return result
+
+
+def finished_trace(folder: Path):
+    """(path, events) of the trace verl's profiler wrote into folder, once it is whole; else None."""
+    from trace_summary import load
+
+    for path in sorted(folder.glob("*.json*")):
+        size = path.stat().st_size
+        time.sleep(1)  # still being written if it grows
+        if path.stat().st_size == size:
+            try:
+                return path, load(str(path))
+            except (OSError, EOFError, ValueError):
+                pass
+    return None
 
 
 def stop(proc):
@@ -494,7 +552,8 @@ def main() -> int:
     from stages.common import load_config
 
     default_batch = int(load_config("sft", []).sft.batch_size)
-    rows = max(max((v.warmup + v.steps + 1) * (v.batch_size or default_batch),
+    # one epoch holds every step a variant runs (an epoch boundary costs a data loader restart)
+    rows = max(max((v.warmup + v.steps + 1 + (PROFILED + 1 if v.profile else 0)) * (v.batch_size or default_batch),
                    (v.warmup + v.steps) * args.hand_batch) for v in todo)
     parquet = sft_parquet(args, work, rows)
     (work / "data.json").write_text(json.dumps({"parquet": str(parquet)}))
@@ -525,6 +584,11 @@ def main() -> int:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps({"meta": {**meta, "parameters": params}, "results": results}, indent=1))
     print(table(results))
+    for r in results:
+        if r.get("profile"):
+            from trace_summary import render
+
+            print(f"\n[bench] profile of {r['name']} ({r['trace']}):\n{render(r['profile'])}")
     print(f"[bench] {time.time() - t0:.0f} s; results in {out}")
     return 0 if all(r["status"] in ("ok", "skipped (budget)") for r in results) else 1
 

@@ -153,5 +153,6 @@ def ladder_varlen_attention(module, query, key, value, attention_mask, scaling=N
     return out.reshape(batch, length, *out.shape[1:]), None
 
 
-AttentionInterface.register(NAME, ladder_varlen_attention)
+# eager inside a compiled layer (stages/compile.py): the boundaries are read back to the host
+AttentionInterface.register(NAME, torch.compiler.disable(ladder_varlen_attention))
 AttentionMaskInterface.register(NAME, padding_mask)

@@ -56,6 +56,7 @@ SWITCHES = {  # flag -> (config key, value)
     "param_offload": ("model.param_offload", "true"),
     "optimizer_offload": ("model.optimizer_offload", "true"),
     "no_grad_ckpt": ("model.gradient_checkpointing", "false"),
+    "compile": ("model.compile", "true"),
     "skip_bad": ("data.skip_bad", "true"),
     "answer_only": ("data.answer_only", "true"),
     "all_checkpoints": ("eval.all_checkpoints", "true"),

@@ -179,6 +179,8 @@ def grpo_environment(cfg, out: Path | None) -> dict[str, str]:
     else:
         env = environment(cfg, out.resolve())  # PYTHONPATH, metrics/TensorBoard paths, wandb, CPU platform
     env["VERL_USE_EXTERNAL_MODULES"] = external_modules(cfg)
+    if env.pop("LADDER_COMPILE", None):  # kernel_keys(attention_only=True) loads no stages.compile here
+        print("[grpo] model.compile applies to the SFT stage only: GRPO's actor runs eager", file=sys.stderr)
     return env
 
 

@@ -14,7 +14,8 @@ outputs/, as verl resumes from and writes checkpoints to one folder). Where ladd
     is `ladder_varlen` (stages/attention.py, loaded through verl's model.external_lib; verl's default
     flash_attention_2 needs the flash-attn package, and sdpa over packed rows builds a dense mask),
     with liger-kernel and the fused (triton) loss when installed; on CPU plain sdpa;
-  - torch.compile off, dynamic batching on, cosine schedule with 5% warmup, lr 1e-5;
+  - torch.compile off by default; `model.compile=true` compiles each decoder layer (stages/compile.py:
+    verl's own engine.use_torch_compile only compiles an entropy helper SFT never calls); dynamic batching on, cosine schedule with 5% warmup, lr 1e-5;
   - checkpoints also hold `huggingface/` weights (`hf_model`), so export needs no merger run;
   - loggers: console, TensorBoard and verl's JSONL `file` logger; wandb only when WANDB_PROJECT is
     set and wandb imports (verl's default list includes wandb and dies without it);
@@ -88,7 +89,8 @@ def kernels(cfg) -> dict:
 
     auto on CUDA: flash_attention_2 when flash-attn imports, else ladder_varlen when this torch has
     its varlen flash kernel, else sdpa; liger when liger_kernel imports; the fused loss through
-    triton when triton imports. auto on CPU: sdpa, no liger, no fused loss.
+    triton when triton imports. auto on CPU: sdpa, no liger, no fused loss. With model.compile on, auto
+    means no liger.
     """
     from importlib.util import find_spec
 
@@ -97,24 +99,42 @@ def kernels(cfg) -> dict:
     if attn == "auto":
         attn = ("sdpa" if not cuda else "flash_attention_2" if find_spec("flash_attn")
                 else "ladder_varlen" if find_spec("torch.nn.attention.varlen") else "sdpa")
-    liger = cuda and find_spec("liger_kernel") is not None if str(m.liger) == "auto" else bool(m.liger)
+    compile_with = compile_backend(m.get("compile"))
+    # auto: no liger under compile, which fuses the same norms, SwiGLU and rotary embedding itself
+    liger = (cuda and find_spec("liger_kernel") is not None and not compile_with if str(m.liger) == "auto"
+             else bool(m.liger))
     fused = "off" if m.fused_ce in (False, None) else str(m.fused_ce)  # YAML reads a bare `off` as false
     if fused == "auto":
         fused = "triton" if cuda and find_spec("triton") else "off"
     if fused not in ("off", "torch", "triton", "liger"):
         raise SystemExit(f"[sft] model.fused_ce={fused}: use auto, off, or a verl backend: torch, triton, liger")
-    return {"attn": attn, "liger": liger, "fused_ce": fused}
+    return {"attn": attn, "liger": liger, "fused_ce": fused, "compile": compile_with}
+
+
+def compile_backend(value) -> str:
+    """model.compile → a torch.compile backend for stages/compile.py, or "" (off)."""
+    from stages.compile import BACKENDS
+
+    if value in (None, False, "false", "off"):
+        return ""
+    backend = "inductor" if value in (True, "true") else str(value)
+    if backend not in BACKENDS:
+        raise SystemExit(f"[sft] model.compile={value}: use false, true (inductor) or a backend: {', '.join(BACKENDS)}")
+    return backend
 
 
 def kernel_keys(cfg, model, prefix: str = "model.", attention_only: bool = False) -> list[str]:
     """verl keys for kernels(cfg) under `prefix`; a key already set in `model` (the verl model block) wins.
 
-    GRPO takes the attention only: liger and the fused loss are not measured in its actor yet.
+    GRPO takes the attention only: liger, the fused loss and compile are not measured in its actor yet.
     """
     k = kernels(cfg)
     keys = {"override_config.attn_implementation": k["attn"]}
-    if k["attn"] == "ladder_varlen":  # verl imports it in every process that builds the model
-        keys["external_lib"] = "stages.attention"
+    # verl imports these in every process that builds the model
+    libs = (["stages.attention"] if k["attn"] == "ladder_varlen" else []) + (
+        ["stages.compile"] if k["compile"] and not attention_only else [])
+    if libs:
+        keys["external_lib"] = libs[0] if len(libs) == 1 else f"[{','.join(libs)}]"
     if not attention_only:
         keys.update({"use_liger": k["liger"], "use_fused_kernels": k["fused_ce"] != "off"})
         if k["fused_ce"] != "off":
@@ -166,6 +186,9 @@ def environment(cfg, out: Path) -> dict[str, str]:
         env.setdefault("WANDB_MODE", "disabled")
     if cfg.launch.device == "cpu":  # tests and demo only: verl 0.9.1 has no CPU platform of its own
         env.update(CPU_ENV)
+    backend = kernels(cfg)["compile"]
+    if backend:  # read by stages/compile.py in every rank
+        env["LADDER_COMPILE"] = backend
     return env
 
 

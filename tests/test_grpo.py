@@ -370,3 +370,12 @@ def test_multinode_dry_run_from_env(tiny_model, rl_files):
     worker = subprocess.run(argv, cwd=REPO, env=dict(env, NODE_RANK="1"), capture_output=True, text=True)
     assert worker.returncode == 0, worker.stderr
     assert shlex.split(worker.stdout.strip())[1:] == ["start", "--address=10.0.0.1:29600", "--block"]
+
+
+def test_compile_is_sft_only_and_grpo_says_so(tiny_model, rl_files, capsys, monkeypatch, tmp_path):
+    from stages.common import load_config
+
+    (cmd,) = dry_run(["--init", str(tiny_model), *rl_files, "run.name=x", "model.compile=true"], capsys, monkeypatch)
+    assert verl_schema_compose(main_ppo_args(cmd)).actor_rollout_ref.model.external_lib == "stages.attention"
+    env = grpo.grpo_environment(load_config("grpo", ["model.compile=true"]), tmp_path)
+    assert "LADDER_COMPILE" not in env and "SFT stage only" in capsys.readouterr().err

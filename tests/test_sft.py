@@ -286,6 +286,8 @@ def test_composed_overrides_fit_verls_schema(argv):
     ("cuda", {"liger_kernel", "triton"}, ["model.attn_implementation=eager", "model.liger=false",
                                           "model.fused_ce=off"], ("eager", False, "off")),
     ("cpu", set(), ["model.liger=true", "model.fused_ce=torch"], ("sdpa", True, "torch")),
+    ("cuda", {"liger_kernel", "triton"}, ["model.compile=true"], ("ladder_varlen", False, "triton")),
+    ("cuda", {"liger_kernel"}, ["model.compile=true", "model.liger=true"], ("ladder_varlen", True, "off")),
 ])
 def test_auto_kernels_follow_what_the_machine_has(monkeypatch, device, installed, overrides, expect):
     import importlib.util

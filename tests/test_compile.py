@@ -1,0 +1,116 @@
+"""model.compile (stages/compile.py): compiled decoder layers train exactly as eager ones, inside verl too."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+import stages.attention as attention
+import stages.compile as compile_layers
+from stages import sft
+from stages.common import REPO, load_config
+from tests.test_attention import packed, samples
+from tests.test_sft import TRAIN, composed, sft_parquet, verl_schema_compose
+
+
+def qwen2(attn: str, layers: int = 3):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    cfg = Qwen2Config(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      attn_implementation=attn, use_cache=False)
+    torch.manual_seed(0)
+    return Qwen2ForCausalLM(cfg)
+
+
+def step(model, lengths):
+    """One packed forward + backward (verl's row: position_ids restart per sample): logits and grads."""
+    row, pos = packed(samples(lengths=lengths))
+    model.zero_grad(set_to_none=True)
+    logits = model(input_ids=row, position_ids=pos).logits
+    logits.float().pow(2).mean().backward()
+    return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.fixture
+def compiled(request):
+    compile_layers.enable(request.param)
+    counters.clear()
+    yield request.param
+    compile_layers.disable()
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("compiled,ckpt", [("aot_eager", False), ("aot_eager", True), ("inductor", True)],
+                         indirect=["compiled"])
+def test_compiled_layers_match_eager_across_token_counts(compiled, ckpt):
+    """ladder_varlen stays eager inside the compiled layer; three token counts reuse the graphs (dynamic)."""
+    model = qwen2(attention.NAME)
+    if ckpt:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    batches = ([5, 9, 1, 3, 7], [4, 11, 6], [8, 2, 2, 13, 5, 1])
+    compile_layers.disable()
+    want = [step(model, b) for b in batches]
+    compile_layers.enable(compiled)
+    got, graphs = [], []
+    for b in batches:
+        got.append(step(model, b))
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[0] > 0 and graphs[0] == graphs[-1], f"recompiled for a new token count: {graphs}"
+    assert compile_layers._eager_forward, "no decoder layer was compiled"
+    for (w_logits, w_grads), (g_logits, g_grads) in zip(want, got):
+        torch.testing.assert_close(g_logits, w_logits, atol=1e-5, rtol=1e-5)
+        for name in w_grads:
+            torch.testing.assert_close(g_grads[name], w_grads[name], atol=1e-6, rtol=1e-4, msg=name)
+
+
+def test_disable_restores_eager_layers():
+    from transformers.modeling_layers import GradientCheckpointingLayer
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer
+
+    eager = Qwen2DecoderLayer.forward
+    compile_layers.enable("aot_eager")
+    qwen2("sdpa", layers=1)(input_ids=torch.tensor([[1, 2, 3]]))
+    assert Qwen2DecoderLayer.forward is not eager
+    compile_layers.disable()
+    torch._dynamo.reset()
+    assert Qwen2DecoderLayer.forward is eager and GradientCheckpointingLayer.__call__ is compile_layers._eager_call
+
+
+# ---- config → verl
+@pytest.mark.parametrize("value,backend", [("true", "inductor"), ("aot_eager", "aot_eager"), ("false", "")])
+def test_compile_key_reaches_every_rank(tmp_path, value, backend):
+    cfg = load_config("sft", ["launch.device=cuda", "model.attn_implementation=ladder_varlen", f"model.compile={value}"])
+    keys = sft.verl_overrides(cfg, tmp_path, "/d.parquet", None)
+    libs = verl_schema_compose(keys).model.external_lib
+    assert list(libs) == ["stages.attention", "stages.compile"] if backend else libs == "stages.attention"
+    assert sft.environment(cfg, tmp_path).get("LADDER_COMPILE", "") == backend
+
+
+def test_compile_switch_and_unknown_backend():
+    assert any(k.endswith("external_lib=stages.compile") for k in composed(["--compile", "--attn", "sdpa"]))
+    with pytest.raises(SystemExit, match="model.compile=cudagraphs"):
+        sft.kernels(load_config("sft", ["model.compile=cudagraphs"]))
+
+
+# ---- verl's trainer on CPU, eager and compiled, same rows: the same losses
+def test_sft_stage_trains_the_same_with_compiled_layers(tiny_model, gsm8k_dir, tmp_path):
+    data = sft_parquet(tiny_model, gsm8k_dir, tmp_path / "d.parquet", rows=16)
+    losses = {}
+    for name, extra in (("eager", []), ("compiled", ["model.compile=inductor", "model.gradient_checkpointing=true"])):
+        argv = [*TRAIN, *extra, "--model", str(tiny_model), "--train_data", str(data), "--epochs", "1",
+                "sft.warmup_ratio=0", "sft.verl.optim.lr_scheduler_type=constant",
+                f"run.output_dir={tmp_path}", f"run.name={name}", "trainer.total_training_steps=2"]
+        proc = subprocess.run([sys.executable, "-m", "stages", "--stage", "sft", *argv], cwd=REPO,
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+        losses[name] = [m["train/loss"] for _, m in sorted(sft.read_metrics(tmp_path / name / "sft").items())]
+        if name == "compiled":  # once per rank, from inside verl's trainer
+            assert "Qwen2DecoderLayer.forward: torch.compile backend=inductor" in proc.stdout + proc.stderr
+            assert json.loads((tmp_path / name / "sft" / "manifest.json").read_text())["status"] == "done"
+    assert len(losses["eager"]) == 2, losses
+    assert losses["compiled"] == pytest.approx(losses["eager"], abs=2e-3)
