@@ -22,7 +22,8 @@ still allows it; results are written to `--out` after each one.
      config.yaml plus this variant's overrides, and a constant lr so that losses compare step by
      step), stopped once warmup + steps are logged (no final checkpoint). tokens/s = tokens of the
      measured steps / wall time between their lines in verl's JSONL metrics file: everything a real
-     run pays per step (data loading, optimizer, logging) is in it. Memory: verl's own `perf/max_memory_*` metrics, and nvidia-smi's peak.
+     run pays per step (data loading, optimizer, logging) is in it; "steady" divides by the median step
+     instead (a one-off stall, such as a kernel compiled for a new shape, moves only the mean). Memory: verl's own `perf/max_memory_*` metrics, and nvidia-smi's peak.
   4. `--hand`: a hand-written loop on the same rows: padded batches of 12, fp32 weights with bf16
      autocast, SDPA, gradient checkpointing, AdamW.
 MFU = 6 · parameters · tokens/s / 989 TFLOP/s (H100 bf16 dense; LoRA does fewer FLOPs than 6N).
@@ -38,6 +39,7 @@ import random
 import shlex
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import threading
@@ -58,7 +60,7 @@ def variant_parser() -> argparse.ArgumentParser:
     p.add_argument("--hand", action="store_true", help="this variant is the hand-written loop, not verl")
     p.add_argument("--attn", default="ladder_varlen", help="sdpa | ladder_varlen | eager | flex_attention")
     p.add_argument("--liger", action="store_true", help="model.use_liger (RMSNorm, SwiGLU, RoPE kernels)")
-    p.add_argument("--fused_ce", choices=["off", "torch", "triton", "liger"], default="off",
+    p.add_argument("--fused_ce", choices=["off", "torch", "triton", "liger", "ladder"], default="off",
                    help="model.use_fused_kernels with this backend: log-probs without materialising logits")
     p.add_argument("--no_grad_ckpt", action="store_true")
     p.add_argument("--max_tokens", type=int, default=None, help="data.max_token_len_per_gpu")
@@ -372,6 +374,8 @@ def run_verl(v, model: Path, parquet: Path, work: Path, args, time_left: float) 
                       measured_steps=len(measured), tokens_per_step=tokens / len(measured),
                       verl_mfu=sum(m.get("train/mfu", 0) for _, m in measured) / len(measured),
                       step_s=[round(b[0] - a[0], 3) for a, b in zip(seen[v.warmup - 1:timed], measured)])
+        # steady state: a one-off stall (a kernel compiled for a new shape) moves the mean, not the median
+        result["steady_tokens_per_s"] = result["tokens_per_step"] / statistics.median(result["step_s"])
     if trace:
         from trace_summary import summarize
 
@@ -496,14 +500,15 @@ def table(results: list[dict]) -> str:
     for r in sorted(results, key=lambda r: "unpacked" not in r["name"]):
         if r.get("reference") and r.get("losses"):
             refs.setdefault((r["shape"], r.get("batch_size")), r)
-    head = ["variant", "tokens/s", "x hand", "MFU 6N", "verl MFU", "alloc GiB", "smi GiB", "loss first→last",
+    head = ["variant", "tokens/s", "steady tok/s", "x hand", "MFU 6N", "verl MFU", "alloc GiB", "smi GiB", "loss first→last",
             "max |Δloss| vs ref", "startup s", "status"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
         tps = r.get("tokens_per_s")
         ratio = f"{tps / hand[r['shape']]:.2f}" if tps and r["shape"] in hand else ""
         losses = r.get("losses") or []
-        cells = [r["name"], f"{tps:,.0f}" if tps else "", ratio, fmt(r.get("mfu_6n"), "{:.1%}"),
+        steady = r.get("steady_tokens_per_s")
+        cells = [r["name"], f"{tps:,.0f}" if tps else "", f"{steady:,.0f}" if steady else "", ratio, fmt(r.get("mfu_6n"), "{:.1%}"),
                  fmt(r.get("verl_mfu"), "{:.1%}"), fmt(r.get("peak_allocated_gib"), "{:.1f}"),
                  fmt(r.get("peak_smi_gib"), "{:.1f}"), f"{losses[0]} → {losses[-1]}" if losses else "",
                  loss_gap(r, refs.get((r["shape"], r.get("batch_size")))),

@@ -87,7 +87,10 @@ def self_times(events: list[dict]) -> collections.Counter:
 
 def summarize(events: list[dict], top: int = 10) -> dict:
     xs = [e for e in events if e.get("ph") == "X" and "dur" in e]
-    steps = sorted((e for e in xs if e["name"] == "train_batch"), key=lambda e: e["ts"])
+    steps = []  # verl marks a step twice (the worker's and the engine's train_batch): keep the outer one
+    for e in sorted((e for e in xs if e["name"] == "train_batch"), key=lambda e: (e["ts"], -e["dur"])):
+        if not steps or e["ts"] >= steps[-1]["ts"] + steps[-1]["dur"]:
+            steps.append(e)
     if not steps:
         raise ValueError("no train_batch annotation in this trace: was it written by verl's profiler?")
     main = steps[0]["tid"]
@@ -135,7 +138,8 @@ def summarize(events: list[dict], top: int = 10) -> dict:
         large = [g for g in gaps if g[1] - g[0] >= SMALL_GAP_US]
         labels = {}
         for g, stack in zip(large, covering(cpu, [g0 for g0, _ in large])):
-            where = " > ".join(e["name"] for e in stack if e.get("cat") == "user_annotation")
+            marks = [e["name"] for e in stack if e.get("cat") == "user_annotation"]
+            where = " > ".join(n for i, n in enumerate(marks) if i == 0 or n != marks[i - 1])
             op = next((e["name"] for e in reversed(stack) if e.get("cat") != "user_annotation"), "")
             labels[g] = f"{where} | {op}" if op else where or "(no CPU activity)"
             named[labels[g]] += g[1] - g[0]

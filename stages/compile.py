@@ -2,6 +2,9 @@
 
     ./train.sh model.compile=true                    # inductor; or model.compile=aot_eager (a check, no codegen)
 
+Measured on an H200 (docs/benchmarks.md, 2026-12-01): 1.5B full SFT 34.1k tokens/s against 37.3k with
+liger's kernels instead, so config.yaml leaves it off.
+
 verl 0.9.1's FSDP engine never compiles the model (its `engine.use_torch_compile` compiles only the
 entropy helper, which SFT does not call), so ladder loads this module into every rank through verl's
 `model.external_lib`, with the backend in LADDER_COMPILE (stages/sft.py sets both).

@@ -13,7 +13,8 @@ outputs/, as verl resumes from and writes checkpoints to one folder). Where ladd
   - kernels (`kernels()`, measured in docs/benchmarks.md): on CUDA without flash-attn the attention
     is `ladder_varlen` (stages/attention.py, loaded through verl's model.external_lib; verl's default
     flash_attention_2 needs the flash-attn package, and sdpa over packed rows builds a dense mask),
-    with liger-kernel and the fused (triton) loss when installed; on CPU plain sdpa;
+    with liger-kernel when installed and ladder's fused loss (stages/fused_ce.py: cuBLAS matmuls plus two
+    triton passes, swapped in for verl's torch backend) when triton is; on CPU plain sdpa;
   - torch.compile off by default; `model.compile=true` compiles each decoder layer (stages/compile.py:
     verl's own engine.use_torch_compile only compiles an entropy helper SFT never calls); dynamic batching on, cosine schedule with 5% warmup, lr 1e-5;
   - checkpoints also hold `huggingface/` weights (`hf_model`), so export needs no merger run;
@@ -88,9 +89,9 @@ def kernels(cfg) -> dict:
     """config.yaml's model.attn_implementation / liger / fused_ce, with `auto` decided for this machine.
 
     auto on CUDA: flash_attention_2 when flash-attn imports, else ladder_varlen when this torch has
-    its varlen flash kernel, else sdpa; liger when liger_kernel imports; the fused loss through
-    triton when triton imports. auto on CPU: sdpa, no liger, no fused loss. With model.compile on, auto
-    means no liger.
+    its varlen flash kernel, else sdpa; liger when liger_kernel imports; ladder's fused loss
+    (stages/fused_ce.py) when triton imports. auto on CPU: sdpa, no liger, no fused loss. With
+    model.compile on, auto means no liger.
     """
     from importlib.util import find_spec
 
@@ -104,10 +105,11 @@ def kernels(cfg) -> dict:
     liger = (cuda and find_spec("liger_kernel") is not None and not compile_with if str(m.liger) == "auto"
              else bool(m.liger))
     fused = "off" if m.fused_ce in (False, None) else str(m.fused_ce)  # YAML reads a bare `off` as false
-    if fused == "auto":
-        fused = "triton" if cuda and find_spec("triton") else "off"
-    if fused not in ("off", "torch", "triton", "liger"):
-        raise SystemExit(f"[sft] model.fused_ce={fused}: use auto, off, or a verl backend: torch, triton, liger")
+    if fused == "auto":  # ladder's kernels are triton; measured faster than verl's own (docs/benchmarks.md)
+        fused = "ladder" if cuda and find_spec("triton") else "off"
+    if fused not in ("off", "torch", "triton", "liger", "ladder"):
+        raise SystemExit(f"[sft] model.fused_ce={fused}: use auto, off, ladder (stages/fused_ce.py) or a verl "
+                         "backend: torch, triton, liger")
     return {"attn": attn, "liger": liger, "fused_ce": fused, "compile": compile_with}
 
 
@@ -131,14 +133,14 @@ def kernel_keys(cfg, model, prefix: str = "model.", attention_only: bool = False
     k = kernels(cfg)
     keys = {"override_config.attn_implementation": k["attn"]}
     # verl imports these in every process that builds the model
-    libs = (["stages.attention"] if k["attn"] == "ladder_varlen" else []) + (
-        ["stages.compile"] if k["compile"] and not attention_only else [])
+    libs = (["stages.attention"] if k["attn"] == "ladder_varlen" else []) + ([] if attention_only else (
+        ["stages.compile"] if k["compile"] else []) + (["stages.fused_ce"] if k["fused_ce"] == "ladder" else []))
     if libs:
         keys["external_lib"] = libs[0] if len(libs) == 1 else f"[{','.join(libs)}]"
     if not attention_only:
         keys.update({"use_liger": k["liger"], "use_fused_kernels": k["fused_ce"] != "off"})
-        if k["fused_ce"] != "off":
-            keys["fused_kernel_options.impl_backend"] = k["fused_ce"]
+        if k["fused_ce"] != "off":  # ladder's replaces the function verl's torch backend calls
+            keys["fused_kernel_options.impl_backend"] = "torch" if k["fused_ce"] == "ladder" else k["fused_ce"]
     return [f"++{prefix}{key}={str(value).lower() if isinstance(value, bool) else value}"
             for key, value in keys.items() if OmegaConf.select(model, key) is None]
 

@@ -60,7 +60,7 @@ def kernel(name, ts, dur, corr):
 
 
 TRACE = [
-    x("train_batch", 0, 100, cat="user_annotation"),
+    x("train_batch", 0, 100, cat="user_annotation"), x("train_batch", 0.5, 99, cat="user_annotation"),  # verl's two
     x("micro_batch0", 1, 40, cat="user_annotation"), launch(2, 1), launch(3, 2),
     x("aten::_local_scalar_dense", 30, 10),  # an .item(): the GPU drains and waits for the host
     x("micro_batch1", 45, 40, cat="user_annotation"), launch(46, 3),

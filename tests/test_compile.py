@@ -84,7 +84,8 @@ def test_disable_restores_eager_layers():
 # ---- config → verl
 @pytest.mark.parametrize("value,backend", [("true", "inductor"), ("aot_eager", "aot_eager"), ("false", "")])
 def test_compile_key_reaches_every_rank(tmp_path, value, backend):
-    cfg = load_config("sft", ["launch.device=cuda", "model.attn_implementation=ladder_varlen", f"model.compile={value}"])
+    cfg = load_config("sft", ["launch.device=cuda", "model.attn_implementation=ladder_varlen", "model.fused_ce=off",
+                              f"model.compile={value}"])
     keys = sft.verl_overrides(cfg, tmp_path, "/d.parquet", None)
     libs = verl_schema_compose(keys).model.external_lib
     assert list(libs) == ["stages.attention", "stages.compile"] if backend else libs == "stages.attention"
@@ -92,7 +93,8 @@ def test_compile_key_reaches_every_rank(tmp_path, value, backend):
 
 
 def test_compile_switch_and_unknown_backend():
-    assert any(k.endswith("external_lib=stages.compile") for k in composed(["--compile", "--attn", "sdpa"]))
+    assert any(k.endswith("external_lib=stages.compile")
+               for k in composed(["--compile", "--attn", "sdpa", "model.fused_ce=off"]))
     with pytest.raises(SystemExit, match="model.compile=cudagraphs"):
         sft.kernels(load_config("sft", ["model.compile=cudagraphs"]))
 

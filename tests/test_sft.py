@@ -1,7 +1,9 @@
 """SFT stage: the real verl trainer on CPU (tiny model, 2 ranks), a SIGKILL mid-run, resume, an
 epoch-boundary resume, keep-last-N, the loss mask verl trains on, and the composed command."""
+import importlib.util
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -18,6 +20,8 @@ from stages.__main__ import main as stages_main
 from stages.common import REPO, load_config
 
 MAX_LENGTH = 256
+# a CUDA launch's external libs: ladder's attention, and its fused loss where triton imports (the test extra has it)
+CUDA_LIBS = ["stages.attention"] + (["stages.fused_ce"] if importlib.util.find_spec("triton") else [])
 TRAIN = ["--device", "cpu", "--batch_size", "8", "--micro_batch_size", "4", "--max_length", str(MAX_LENGTH),
          "--lr", "1e-3", "sft.verl.data.max_token_len_per_gpu=2048", "sft.verl.data.num_workers=0",
          "model.gradient_checkpointing=false"]
@@ -163,9 +167,10 @@ def test_dry_run_default_command(capsys, train_file, tmp_path):
     line, config = dry_run(capsys, "--train_data", train_file, f"run.output_dir={tmp_path}", "run.name=x")
     assert line.startswith(f"{sys.executable} -m torch.distributed.run --standalone --nnodes=1 --nproc_per_node=1 "
                            "-m verl.trainer.sft_trainer ")
-    # a CUDA launch without flash-attn: ladder's varlen attention, fused AdamW, 32k-token micro-batches
+    # a CUDA launch without flash-attn: ladder's varlen attention and loss, fused AdamW, 32k-token micro-batches
+    libs = CUDA_LIBS[0] if len(CUDA_LIBS) == 1 else f"[{','.join(CUDA_LIBS)}]"
     for key in ("engine.strategy=fsdp2", "model.lora_rank=0", "++model.override_config.attn_implementation=ladder_varlen",
-                "++model.external_lib=stages.attention", "++optim.override_optimizer_config.fused=true",
+                shlex.quote(f"++model.external_lib={libs}"), "++optim.override_optimizer_config.fused=true",
                 "data.max_token_len_per_gpu=32768",
                 "optim.lr=1e-05", "trainer.total_epochs=3", "trainer.max_ckpt_to_keep=2", "trainer.resume_mode=auto",
                 f"data.train_files={train_file}", f"trainer.default_local_dir={tmp_path.resolve() / 'x' / 'sft'}",
@@ -276,17 +281,19 @@ def test_composed_overrides_fit_verls_schema(argv):
     assert verl_cfg.trainer.default_local_dir == "/tmp/x/sft"
     cpu = "--device" in argv
     assert verl_cfg.model.override_config.attn_implementation == ("sdpa" if cpu else "ladder_varlen")
-    assert verl_cfg.model.external_lib == (None if cpu else "stages.attention")
+    libs = verl_cfg.model.external_lib
+    assert (libs if cpu or isinstance(libs, str) else list(libs)) == (
+        None if cpu else CUDA_LIBS[0] if len(CUDA_LIBS) == 1 else CUDA_LIBS)
 
 
 @pytest.mark.parametrize("device,installed,overrides,expect", [
-    ("cuda", {"flash_attn", "liger_kernel", "triton"}, [], ("flash_attention_2", True, "triton")),
+    ("cuda", {"flash_attn", "liger_kernel", "triton"}, [], ("flash_attention_2", True, "ladder")),
     ("cuda", set(), [], ("ladder_varlen", False, "off")),
     ("cpu", {"flash_attn", "liger_kernel", "triton"}, [], ("sdpa", False, "off")),
     ("cuda", {"liger_kernel", "triton"}, ["model.attn_implementation=eager", "model.liger=false",
                                           "model.fused_ce=off"], ("eager", False, "off")),
     ("cpu", set(), ["model.liger=true", "model.fused_ce=torch"], ("sdpa", True, "torch")),
-    ("cuda", {"liger_kernel", "triton"}, ["model.compile=true"], ("ladder_varlen", False, "triton")),
+    ("cuda", {"liger_kernel", "triton"}, ["model.compile=true"], ("ladder_varlen", False, "ladder")),
     ("cuda", {"liger_kernel"}, ["model.compile=true", "model.liger=true"], ("ladder_varlen", True, "off")),
 ])
 def test_auto_kernels_follow_what_the_machine_has(monkeypatch, device, installed, overrides, expect):
