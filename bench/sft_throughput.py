@@ -23,7 +23,8 @@ still allows it; results are written to `--out` after each one.
      step), stopped once warmup + steps are logged (no final checkpoint). tokens/s = tokens of the
      measured steps / wall time between their lines in verl's JSONL metrics file: everything a real
      run pays per step (data loading, optimizer, logging) is in it; "steady" divides by the median step
-     instead (a one-off stall, such as a kernel compiled for a new shape, moves only the mean). Memory: verl's own `perf/max_memory_*` metrics, and nvidia-smi's peak.
+     instead (a one-off stall, such as a kernel compiled for a new shape, moves only the mean).
+     Memory: verl's own `perf/max_memory_*` metrics, and nvidia-smi's peak.
   4. `--hand`: a hand-written loop on the same rows: padded batches of 12, fp32 weights with bf16
      autocast, SDPA, gradient checkpointing, AdamW.
 MFU = 6 · parameters · tokens/s / 989 TFLOP/s (H100 bf16 dense; LoRA does fewer FLOPs than 6N).

@@ -156,10 +156,10 @@ def summarize(events: list[dict], top: int = 10) -> dict:
                 counts[k["name"][:90]] += 1
         out["top_kernels_ms"] = {f"{name} (x{counts[name]})": round(v / 1e3, 1) for name, v in kernels.most_common(top)}
 
-    syncs = collections.Counter(e["name"] for e in cpu if e["name"] in SYNCS)
-    sync_ms = collections.Counter()
+    syncs, sync_ms = collections.Counter(), collections.Counter()
     for e in cpu:
         if e["name"] in SYNCS:
+            syncs[e["name"]] += 1
             sync_ms[e["name"]] += e["dur"]
     out["host_syncs"] = {name: {"count": n, "ms": round(sync_ms[name] / 1e3, 1)} for name, n in syncs.items()}
     ops = self_times([e for e in cpu if e.get("cat") in ("cpu_op", "cuda_runtime")])

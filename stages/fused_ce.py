@@ -102,11 +102,11 @@ if triton is not None:
             tl.store(base + cols, (d * inv_t).to(logits.dtype.element_ty), mask=inside)
 
 
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # tests: triton's CPU interpreter runs the kernels
+
+
 def _use_triton(t: torch.Tensor) -> bool:
     return triton is not None and (t.is_cuda or _INTERPRET)
-
-
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # tests: triton's CPU interpreter runs the kernels
 
 
 def row_stats(logits, targets, inv_t: float):

@@ -132,9 +132,13 @@ def kernel_keys(cfg, model, prefix: str = "model.", attention_only: bool = False
     """
     k = kernels(cfg)
     keys = {"override_config.attn_implementation": k["attn"]}
-    # verl imports these in every process that builds the model
-    libs = (["stages.attention"] if k["attn"] == "ladder_varlen" else []) + ([] if attention_only else (
-        ["stages.compile"] if k["compile"] else []) + (["stages.fused_ce"] if k["fused_ce"] == "ladder" else []))
+    libs = []  # ladder's modules that verl imports in every process that builds the model
+    if k["attn"] == "ladder_varlen":
+        libs.append("stages.attention")
+    if k["compile"] and not attention_only:
+        libs.append("stages.compile")
+    if k["fused_ce"] == "ladder" and not attention_only:
+        libs.append("stages.fused_ce")
     if libs:
         keys["external_lib"] = libs[0] if len(libs) == 1 else f"[{','.join(libs)}]"
     if not attention_only:
