@@ -21,8 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 def implementations():
     from verl.utils.experimental import torch_functional
 
-    verl_torch = torch_functional.FusedLinearForPPOFunction  # before stages.fused_ce replaces it
-    import stages.fused_ce as fused_ce
+    verl_torch = torch_functional.FusedLinearForPPOFunction  # before plugins.fused_ce replaces it
+    import plugins.fused_ce as fused_ce
     from verl.utils.kernel.linear_cross_entropy import linear_cross_entropy
 
     return {"ladder": lambda h, w, y: fused_ce.LinearLogProbs.apply(h, w, y, 1.0, 512)[0],

@@ -29,7 +29,7 @@ if __name__ == "__main__":
     model.save_pretrained(out)
     if str(tok_dir) == "tiny":
         sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-        from tests.tiny import build_tokenizer
+        from stages.tiny_model import build_tokenizer
 
         build_tokenizer(out)
     else:

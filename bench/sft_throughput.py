@@ -184,12 +184,12 @@ def synthetic(n: int) -> list[dict]:
 
 
 def sft_parquet(args, work: Path, rows: int) -> Path:
-    from stages.common import load_config
-    from stages.sft import data_files
+    from stages.config import load_config
+    from stages.sft import sft_files
 
     cfg = load_config("sft", [f"run.output_dir={work}", "run.name=data", f"data.train_size={rows}",
                               f"data.source={raw_folder(args, work, rows)}", "data.val_size=0"])
-    return Path(data_files(cfg)[0])
+    return Path(sft_files(cfg)[0])
 
 
 # ---- models: random weights of a real shape, a tokenizer trained on the rows
@@ -198,7 +198,7 @@ def build_tokenizer(parquet: Path, out: Path):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from tests.tiny import CHATML, SPECIAL
+    from stages.tiny_model import CHATML, SPECIAL
 
     texts = [m["content"] for msgs in pd.read_parquet(parquet)["messages"] for m in msgs]
     tok = Tokenizer(models.BPE(unk_token=None))
@@ -260,7 +260,7 @@ def verl_overrides(v, model: Path, parquet: Path, work: Path, device: str) -> li
          f"trainer.total_training_steps={steps}", "sft.epochs=100", "sft.save_freq=-1",
          # a constant lr: variants of different lengths see the same lr at step k, so losses compare
          "sft.warmup_ratio=0", "sft.verl.optim.lr_scheduler_type=constant"]
-    # the stage adds the verl keys for these (stages/sft.py kernels()), as it does for config.yaml's defaults
+    # the stage adds the verl keys for these (stages/launch.py kernels()), as it does for config.yaml's defaults
     o += [f"model.liger={str(v.liger).lower()}", f"model.fused_ce={v.fused_ce}"]
     if v.fused_adam:
         o.append("++sft.verl.optim.override_optimizer_config.fused=true")
@@ -322,14 +322,15 @@ class SmiPeak(threading.Thread):
 
 
 def run_verl(v, model: Path, parquet: Path, work: Path, args, time_left: float) -> dict:
-    from stages.common import load_config, stage_dir
-    from stages.sft import command, environment, verl_overrides as ladder_overrides
+    from stages.config import load_config, stage_dir
+    from stages.launch import environment, torchrun_command
+    from stages.sft import trainer_keys
 
     cfg = load_config("sft", verl_overrides(v, model, parquet, work, args.device))
     out = stage_dir(cfg, "sft")
     shutil.rmtree(out, ignore_errors=True)  # never resume from an earlier bench run
     shutil.rmtree(profile_dir(v, work), ignore_errors=True)
-    cmd = command(cfg, ladder_overrides(cfg, out, str(parquet), None) + v.verl)
+    cmd = torchrun_command(cfg, "verl.trainer.sft_trainer", trainer_keys(cfg, out, str(parquet), None) + v.verl)
     env = environment(cfg, out)
     for item in v.env:
         name, sep, value = item.partition("=")
@@ -555,7 +556,7 @@ def main() -> int:
     if args.device == "cpu" and args.batch_size is None:  # the CPU run checks the script, not the speed
         args.batch_size = 16
     todo = variants(args)
-    from stages.common import load_config
+    from stages.config import load_config
 
     default_batch = int(load_config("sft", []).sft.batch_size)
     # one epoch holds every step a variant runs (an epoch boundary costs a data loader restart)

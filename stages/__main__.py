@@ -6,26 +6,25 @@ import sys
 
 from omegaconf import OmegaConf
 
+from stages import registry
 from stages.cli import parse
-from stages.common import load_config
-
-MODULES = {"sft": "stages.sft", "eval": "stages.evaluate", "ei": "stages.ei", "grpo": "stages.grpo", "all": "stages.all",
-           "data": "stages.data", "sweep": "stages.sweep", "demo": "stages.demo"}
+from stages.config import flatten, load_config
 
 
-def main(argv: list[str] | None = None) -> int:
-    args, overrides = parse(sys.argv[1:] if argv is None else argv)
-    args.given = overrides  # what the user set, flags included (the demo keeps these over its own)
+def main(argv: list[str] | None = None, environ=None) -> int:
+    stage, overrides = parse(sys.argv[1:] if argv is None else argv, environ)
+    module = importlib.import_module(registry.get(stage).module)
+    # a stage's own defaults (the demo's) sit under everything the user set
+    defaults = flatten(getattr(module, "DEFAULTS", {}))
     try:
-        cfg = load_config(args.stage, overrides)
+        cfg = load_config(stage, defaults + overrides)
     except Exception as err:  # hydra's own message names the bad key; keep it, drop the traceback
         print(f"ladder: bad configuration: {err}", file=sys.stderr)
         return 2
-    if args.dry_run and args.stage not in ("sft", "eval", "ei", "grpo", "all"):
+    if cfg.run.dry_run and not registry.get(stage).dry_run:
         print(OmegaConf.to_yaml(cfg, resolve=True))
         return 0
-    module = importlib.import_module(MODULES[args.stage])
-    return int(module.run(cfg, args) or 0)
+    return int(module.run(cfg) or 0)
 
 
 if __name__ == "__main__":

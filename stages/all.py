@@ -4,45 +4,37 @@
     ./train.sh --stage all --model Qwen/Qwen2.5-0.5B --use_lora ei.rounds=0      # SFT → GRPO → eval
     ./train.sh --stage all --run_name myrun …                                     # rerun: resumes
 
-Each stage starts from the one before it through its manifest (`--init outputs/<run>/<stage>`), exactly
-as if the stages were run one by one. A stage whose manifest says `done` is skipped, so rerunning the
-same command resumes at the first unfinished stage (and inside it, from its last checkpoint or round).
-Without --run_name the run is named after the model (no timestamp), so the rerun finds it.
+The chain is the stage table's (stages/registry.py). Each stage starts from the one before it through its
+folder (`model.init=outputs/<run>/<stage>`), exactly as if the stages were run one by one with `--init`. A
+stage whose manifest says `done` is skipped, so rerunning the same command resumes at the first unfinished
+stage (and inside it, from its last checkpoint or round). Without --run_name the run is named after the
+model (no timestamp), so the rerun finds it.
 Flags such as --lr or --batch_size set the SFT stage; set other stages with their keys (ei.rounds=2,
 grpo.lr=1e-6, grpo.verl.trainer.test_freq=10); a bare verl key is refused as ambiguous.
 `ei.rounds=0` skips expert iteration.
 """
 from __future__ import annotations
 
-import argparse
 import copy
-import importlib
 from pathlib import Path
 
-from stages.common import read_manifest, stage_dir
+from omegaconf import OmegaConf
 
-CHAIN = ("sft", "ei", "grpo", "eval")
-MODULES = {"sft": "stages.sft", "ei": "stages.ei", "grpo": "stages.grpo", "eval": "stages.evaluate"}
+from stages import chain, registry
+from stages.config import stage_dir
 
 
 def plan(cfg) -> list[str]:
-    return [s for s in CHAIN if not (s == "ei" and int(cfg.ei.rounds) <= 0)]
+    return [s for s in registry.chain() if not (s == "ei" and int(cfg.ei.rounds) <= 0)]
 
 
-def is_done(folder: Path) -> bool:
-    manifest = folder / "manifest.json"
-    return manifest.is_file() and read_manifest(manifest).get("status") == "done"
-
-
-def run(cfg, args) -> int:
+def run(cfg) -> int:
     if not cfg.run.name:
         cfg.run.name = Path(str(cfg.model.path).rstrip("/")).name or "model"
     run_dir = stage_dir(cfg, "data").parent
     stages = plan(cfg)
     print(f"[all] {run_dir}: {' -> '.join(['data', *stages])}", flush=True)
-    if args.dry_run:
-        from omegaconf import OmegaConf
-
+    if cfg.run.dry_run:
         print(OmegaConf.to_yaml(cfg, resolve=True))
         return 0
     from data_prep import prepare
@@ -51,7 +43,7 @@ def run(cfg, args) -> int:
     previous = None
     for stage in stages:
         folder = run_dir / stage
-        if is_done(folder):
+        if chain.is_done(folder):
             print(f"[all] {stage}: done earlier ({folder / 'manifest.json'})", flush=True)
             previous = stage
             continue
@@ -60,10 +52,10 @@ def run(cfg, args) -> int:
             stage_cfg.grpo.final_eval = False  # the chain's own eval stage follows
         if stage == "eval":
             stage_cfg.eval.output_dir = str(folder)
-        init = str(run_dir / previous) if previous else getattr(args, "init", None)
-        stage_args = argparse.Namespace(**{**vars(args), "stage": stage, "init": init, "dry_run": False})
-        print(f"[all] {stage}: from {init or stage_cfg.model.path}", flush=True)
-        rc = importlib.import_module(MODULES[stage]).run(stage_cfg, stage_args)
+        if previous:
+            stage_cfg.model.init = str(run_dir / previous)
+        print(f"[all] {stage}: from {stage_cfg.model.init or stage_cfg.model.path}", flush=True)
+        rc = registry.run(stage_cfg, stage)
         if rc:
             print(f"[all] {stage} failed ({rc}); rerun the same command to resume at {stage}")
             return rc

@@ -1,112 +1,149 @@
-"""Flags of `./train.sh` / `python -m stages`, turned into config.yaml overrides.
+"""`./train.sh` / `python -m stages`: flags and environment variables, turned into config.yaml overrides.
 
-train.sh turns environment variables (MODEL_PATH, N_GPUS, …) into these same flags ahead of the
-user's own, so a flag given on the command line wins over its environment variable.
+FLAGS is the one table of flag ↔ environment variable ↔ config key ↔ help. A flag's environment variable
+stands in for the flag when the flag is not given; `key=value` arguments come last and win over both. `{stage}` in a key is the running stage's section for such flags
+(stages/registry.py: sft for sft/ei/all/..., grpo for grpo).
+
+    parse(["--lr", "2e-5"], {"N_GPUS": "8"})  ->  ("sft", ["launch.n_gpus=8", "sft.lr=2e-5"])
 """
 from __future__ import annotations
 
 import argparse
+import os
+import sys
+from dataclasses import dataclass
 
-STAGES = ("sft", "eval", "ei", "grpo", "all", "data", "sweep", "demo")
+from stages import registry
 
-# flag -> config key; "{stage}" is the running stage's section (sft, ei or grpo)
-KEYS = {
-    "model": "model.path",
-    "tokenizer": "model.tokenizer_path",
-    "train_data": "data.train_file",
-    "val_data": "data.val_file",
-    "dataset": "data.dataset",
-    "template": "data.template",
-    "train_size": "data.train_size",
-    "val_size": "data.val_size",
-    "max_length": "{stage}.max_length",
-    "batch_size": "{stage}.batch_size",
-    "micro_batch_size": "{stage}.micro_batch_size",
-    "lr": "{stage}.lr",
-    "epochs": "{stage}.epochs",
-    "warmup_ratio": "{stage}.warmup_ratio",
-    "weight_decay": "{stage}.weight_decay",
-    "grad_clip": "{stage}.grad_clip",
-    "save_freq": "{stage}.save_freq",
-    "resume_from": "{stage}.resume_from",
-    "n_gpus": "launch.n_gpus",
-    "nnodes": "launch.nnodes",
-    "node_rank": "launch.node_rank",
-    "master_addr": "launch.master_addr",
-    "master_port": "launch.master_port",
-    "device": "launch.device",
-    "strategy": "model.strategy",
-    "lora_rank": "model.lora_rank",
-    "lora_alpha": "model.lora_alpha",
-    "lora_targets": "model.lora_targets",
-    "attn": "model.attn_implementation",
-    "output_dir": "run.output_dir",
-    "run_name": "run.name",
-    "backend": "eval.backend",
-    "limit": "eval.limit",
-    "max_new_tokens": "eval.max_new_tokens",
-    "eval_batch_size": "eval.batch_size",
-    "rounds": "ei.rounds",
-    "samples": "ei.samples",
-    "rollout": "grpo.rollout",
-}
-SWITCHES = {  # flag -> (config key, value)
-    "use_lora": ("model.use_lora", "true"),
-    "no_lora": ("model.use_lora", "false"),
-    "param_offload": ("model.param_offload", "true"),
-    "optimizer_offload": ("model.optimizer_offload", "true"),
-    "no_grad_ckpt": ("model.gradient_checkpointing", "false"),
-    "compile": ("model.compile", "true"),
-    "skip_bad": ("data.skip_bad", "true"),
-    "answer_only": ("data.answer_only", "true"),
-    "all_checkpoints": ("eval.all_checkpoints", "true"),
-}
-HELP = {
-    "model": "HF model id or folder (MODEL_PATH)", "lr": "learning rate (LEARNING_RATE)",
-    "epochs": "epochs (NUM_EPOCHS)", "batch_size": "global batch size in samples (BATCH_SIZE)",
-    "strategy": "fsdp or fsdp2 (STRATEGY)", "init": "warm start: a run/stage folder, manifest, "
-    "verl global_step_N folder or HF model", "train_size": "seeded subset of N training examples; "
-    "a comma list sweeps (with --stage sweep)",
-}
+TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+@dataclass(frozen=True)
+class Flag:
+    name: str               # --name
+    key: str                # config key; "{stage}" = the running stage's flag section
+    env: str | None = None  # environment variable that sets it when the flag is not given
+    help: str = ""
+    switch: str | None = None  # a switch (no value) that sets `key` to this; its env var takes a boolean
+
+
+FLAGS = (
+    Flag("init", "model.init", None, "warm start: a run/stage folder, manifest, verl global_step_N folder or HF model"),
+    Flag("dry_run", "run.dry_run", None, "print the command and resolved config, run nothing", switch="true"),
+    Flag("model", "model.path", "MODEL_PATH", "HF model id or folder"),
+    Flag("tokenizer", "model.tokenizer_path", "TOKENIZER_PATH", "tokenizer, if not the model's"),
+    Flag("train_data", "data.train_file", "TRAIN_DATA", "a ready parquet, or a JSON/JSONL file of your own"),
+    Flag("val_data", "data.val_file", "VAL_DATA", "validation file"),
+    Flag("dataset", "data.dataset", None, "gsm8k | math | user (with --stage eval: what to evaluate on)"),
+    Flag("template", "data.template", None, "gsm8k | r1 | math"),
+    Flag("train_size", "data.train_size", "TRAIN_SIZE",
+         "seeded subset of N training examples; a comma list sweeps (with --stage sweep)"),
+    Flag("val_size", "data.val_size", None, "validation rows carved out of train"),
+    Flag("max_length", "{stage}.max_length", "MAX_LENGTH", "longest SFT sample in tokens"),
+    Flag("batch_size", "{stage}.batch_size", "BATCH_SIZE", "global batch size (SFT: samples; GRPO: prompts)"),
+    Flag("micro_batch_size", "{stage}.micro_batch_size", "MICRO_BATCH_SIZE", "per-GPU micro batch"),
+    Flag("lr", "{stage}.lr", "LEARNING_RATE", "learning rate; a comma list sweeps (with --stage sweep)"),
+    Flag("epochs", "{stage}.epochs", "NUM_EPOCHS", "epochs"),
+    Flag("warmup_ratio", "{stage}.warmup_ratio", "WARMUP_RATIO", "share of steps with a rising lr"),
+    Flag("weight_decay", "{stage}.weight_decay", "WEIGHT_DECAY", "AdamW weight decay"),
+    Flag("grad_clip", "{stage}.grad_clip", "GRAD_CLIP", "gradient norm clip"),
+    Flag("save_freq", "{stage}.save_freq", None, "checkpoint every N steps (-1: at the end)"),
+    Flag("resume_from", "{stage}.resume_from", None, "a global_step_N folder (default: the latest one)"),
+    Flag("n_gpus", "launch.n_gpus", "N_GPUS", "GPUs per node"),
+    Flag("nnodes", "launch.nnodes", "NNODES", "nodes"),
+    Flag("node_rank", "launch.node_rank", "NODE_RANK", "this node's rank"),
+    Flag("master_addr", "launch.master_addr", "MASTER_ADDR", "node 0's address"),
+    Flag("master_port", "launch.master_port", "MASTER_PORT", "node 0's port"),
+    Flag("device", "launch.device", None, "cuda | cpu"),
+    Flag("strategy", "model.strategy", "STRATEGY", "fsdp or fsdp2"),
+    Flag("use_lora", "model.use_lora", "USE_LORA", "LoRA instead of full fine-tuning", switch="true"),
+    Flag("no_lora", "model.use_lora", None, "full fine-tuning", switch="false"),
+    Flag("lora_rank", "model.lora_rank", "LORA_RANK", "LoRA rank"),
+    Flag("lora_alpha", "model.lora_alpha", "LORA_ALPHA", "LoRA alpha"),
+    Flag("lora_targets", "model.lora_targets", "LORA_TARGETS", "LoRA target modules"),
+    Flag("param_offload", "model.param_offload", "PARAM_OFFLOAD", "offload parameters to CPU", switch="true"),
+    Flag("optimizer_offload", "model.optimizer_offload", "OPTIMIZER_OFFLOAD", "offload optimizer state to CPU",
+         switch="true"),
+    Flag("no_grad_ckpt", "model.gradient_checkpointing", "GRADIENT_CHECKPOINTING", "gradient checkpointing off",
+         switch="false"),
+    Flag("attn", "model.attn_implementation", None, "auto | sdpa | eager | ladder_varlen | flash_attention_2"),
+    Flag("compile", "model.compile", None, "torch.compile each decoder layer (SFT)", switch="true"),
+    Flag("output_dir", "run.output_dir", "OUTPUT_DIR", "where run folders go"),
+    Flag("run_name", "run.name", "RUN_NAME", "outputs/<run_name>/…"),
+    Flag("skip_bad", "data.skip_bad", None, "skip (and count) bad records instead of stopping", switch="true"),
+    Flag("answer_only", "data.answer_only", None, "supervise only the final answer", switch="true"),
+    Flag("backend", "eval.backend", None, "auto | vllm | hf"),
+    Flag("limit", "eval.limit", None, "evaluate the first N problems"),
+    Flag("max_new_tokens", "eval.max_new_tokens", None, "generation length"),
+    Flag("eval_batch_size", "eval.batch_size", None, "hf backend: prompts per generate() call"),
+    Flag("all_checkpoints", "eval.all_checkpoints", None, "evaluate every saved checkpoint", switch="true"),
+    Flag("rounds", "ei.rounds", None, "expert-iteration rounds"),
+    Flag("samples", "ei.samples", None, "expert-iteration samples per question"),
+    Flag("rollout", "grpo.rollout", None, "auto | vllm | hf"),
+)
+SWEEP_KEYS = {"train_size": "sweep.train_sizes", "lr": "sweep.lrs"}  # comma lists, read by stages/sweep.py
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="train.sh", description="ladder: SFT -> expert iteration -> GRPO on verl.",
-        epilog="Any key=value argument is a config override (see config.yaml's header).")
-    p.add_argument("--stage", choices=STAGES, default="sft")
-    p.add_argument("--init", default=None, help=HELP["init"])
-    p.add_argument("--dry_run", action="store_true", help="print the command and resolved config, run nothing")
+        epilog="Any key=value argument is a config override (see config.yaml's header). Environment variables: "
+               + ", ".join(f"{f.env} (--{f.name})" for f in FLAGS if f.env))
+    p.add_argument("--stage", choices=registry.names(), default="sft",
+                   help="; ".join(f"{s.name}: {s.help}" for s in registry.STAGES))
     p.add_argument("--demo", action="store_true", help="the embedded CPU demo (same as --stage demo)")
-    for flag in KEYS:
-        p.add_argument(f"--{flag}", default=None, help=HELP.get(flag, KEYS[flag]))
-    for flag, (key, value) in SWITCHES.items():
-        p.add_argument(f"--{flag}", action="store_true", help=f"{key}={value}")
+    for f in FLAGS:
+        text = f.help + (f" ({f.env})" if f.env else "") + f" [{f.key}]"
+        if f.switch:
+            p.add_argument(f"--{f.name}", action="store_true", help=text)
+        else:
+            p.add_argument(f"--{f.name}", default=None, help=text)
     p.add_argument("overrides", nargs="*", help="key=value config overrides")
     return p
 
 
-def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
-    """Return the parsed flags and the override list they stand for (flags first, then key=value)."""
+def from_environment(flag: Flag, environ) -> str | None:
+    """The value flag's environment variable gives it (a switch's variable is a boolean), or None."""
+    raw = environ.get(flag.env or "", "").strip()
+    if not raw:
+        return None
+    if not flag.switch:
+        return raw
+    if raw.lower() not in TRUE + FALSE:
+        raise SystemExit(f"ladder: {flag.env}={raw}: use 1/true/yes or 0/false/no")
+    on = raw.lower() in TRUE
+    # USE_LORA=1 means --use_lora; GRADIENT_CHECKPOINTING=0 means --no_grad_ckpt: the variable names the key
+    return "true" if on else "false"
+
+
+def parse(argv: list[str], environ=None) -> tuple[str, list[str]]:
+    """(stage, overrides): a flag's own value, else its environment variable's; then the key=value arguments."""
+    environ = os.environ if environ is None else environ
     args = parser().parse_intermixed_args(argv)
-    if args.demo:
-        args.stage = "demo"
-    section = {"ei": "sft", "all": "sft", "sweep": "sft", "demo": "sft", "data": "sft"}.get(args.stage, args.stage)
+    stage = "demo" if args.demo else args.stage
+    section = registry.get(stage).flags
     overrides = []
-    for flag, key in KEYS.items():
-        value = getattr(args, flag)
-        if value is None:
+    for f in FLAGS:
+        given = getattr(args, f.name)
+        value = (f.switch if given else None) if f.switch else given
+        env_value = from_environment(f, environ) if f.env else None
+        if value is None and env_value is None:
             continue
+        key = f.key
         if "{stage}" in key:
-            if section not in ("sft", "grpo"):
-                raise SystemExit(f"--{flag} does not apply to --stage {args.stage}")
+            if section is None:
+                if value is None:  # an environment variable meant for training stages: said, not applied
+                    print(f"ladder: {f.env} does not apply to --stage {stage}; ignored", file=sys.stderr)
+                    continue
+                raise SystemExit(f"--{f.name} does not apply to --stage {stage}")
             key = key.format(stage=section)
-        if flag in ("train_size", "lr") and args.stage == "sweep":
-            continue  # the sweep reads the comma list itself
-        if flag == "dataset" and args.stage == "eval":
+        if stage == "sweep" and f.name in SWEEP_KEYS:
+            key = SWEEP_KEYS[f.name]
+        if stage == "eval" and f.name == "dataset":
             key = "eval.dataset"  # what to evaluate on, not what to train on
+        value = env_value if value is None else value
+        # one Hydra value: a sweep's comma list, or a path with spaces, would otherwise be split
+        if (" " in value or "," in value and key in SWEEP_KEYS.values()) and value[0] not in "'\"":
+            value = f"'{value}'"
         overrides.append(f"{key}={value}")
-    for flag, (key, value) in SWITCHES.items():
-        if getattr(args, flag):
-            overrides.append(f"{key}={value}")
-    return args, overrides + list(args.overrides)
+    return stage, overrides + list(args.overrides)

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import json
 
-from stages.common import stage_dir
+from stages.config import stage_dir
 
 
-def run(cfg, args) -> int:
+def run(cfg) -> int:
     from data_prep import prepare
 
     files = prepare(cfg.data, stage_dir(cfg, "data"))

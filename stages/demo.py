@@ -5,9 +5,10 @@
 
 The model is built on the spot (a BPE tokenizer trained on GSM8K text, random weights), so its
 accuracy is ~0: the demo shows the plumbing end to end and that the grader accepts every GSM8K
-reference (expect 100% strict). It reuses the tests' tiny-model builder and CPU platform shim
-(`tests/tiny.py`, `tests/cpu_platform.py`): verl 0.9.1 has no CPU platform of its own.
-Any flag or key=value still applies, e.g. `./train.sh --stage demo data.train_size=128`.
+reference (expect 100% strict). The model comes from stages/tiny_model.py (the tests build theirs there
+too) and verl runs on the CPU platform shim plugins/cpu_platform.py: verl 0.9.1 has no CPU platform of
+its own. DEFAULTS below sit under the user's settings: any flag or key=value still applies, e.g.
+`./train.sh --stage demo data.train_size=128`.
 """
 from __future__ import annotations
 
@@ -15,11 +16,11 @@ import json
 import time
 
 import pandas as pd
-from omegaconf import OmegaConf
 
-from stages.common import stage_dir
+from stages import chain
+from stages.config import stage_dir
 
-DEMO = {  # what the demo changes from config.yaml, unless the user set it
+DEFAULTS = {  # what the demo changes from config.yaml; the user's own flags and key=value come after them
     "launch.device": "cpu", "launch.n_gpus": 1, "data.train_size": 64, "sft.epochs": 1,
     "sft.batch_size": 16, "sft.micro_batch_size": 4, "sft.max_length": 1024,
     "sft.verl.data.max_token_len_per_gpu": 4096, "sft.verl.data.num_workers": 0,
@@ -43,19 +44,13 @@ def grade_references(rl_files: list[str]) -> dict:
     return {"references": n, "strict_correct": right, "strict_accuracy": right / max(n, 1)}
 
 
-def run(cfg, args) -> int:
+def run(cfg) -> int:
     from data_prep import prepare
-    from tests.tiny import build_model
-
-    from stages.sweep import train_and_evaluate
+    from stages.tiny_model import build_model
 
     t0 = time.time()
     if not cfg.run.name:
         cfg.run.name = f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
-    given = {o.split("=", 1)[0].lstrip("+~") for o in args.given}
-    for key, value in DEMO.items():
-        if key not in given:
-            OmegaConf.update(cfg, key, value, merge=False)
 
     # ---- a tiny model, built locally
     model_dir = stage_dir(cfg, "model")
@@ -73,7 +68,7 @@ def run(cfg, args) -> int:
 
     # ---- SFT through verl's trainer, then greedy eval of the exported model
     cfg.data.train_file = files["sft_train"]
-    metrics = train_and_evaluate(cfg, args)
+    metrics = chain.train_then_evaluate(cfg)
     if isinstance(metrics, int):
         return metrics
     summary = {"run": str(stage_dir(cfg, "demo").parent), "seconds": round(time.time() - t0, 1),

@@ -30,22 +30,17 @@ from pathlib import Path
 import pandas as pd
 from omegaconf import OmegaConf
 
-from stages.common import stage_dir, write_manifest
+from stages import chain, generate
+from stages.config import stage_dir, write_manifest
 
 
-def generate(cfg, policy: str, prompts: list[list[int]], stops) -> list:
+def sample(cfg, policy: str, tok, prompts: list[list[int]], stops) -> list:
     """K samples per prompt, in prompt order (prompt i's samples at i*K … i*K+K-1)."""
-    from stages import evaluate
-
     gen_cfg = copy.deepcopy(cfg)
     gen_cfg.eval.max_new_tokens = cfg.ei.max_new_tokens
     sampling = {"temperature": float(cfg.ei.temperature), "top_p": float(cfg.ei.top_p)}
     repeated = [p for p in prompts for _ in range(int(cfg.ei.samples))]
-    if evaluate.backend(gen_cfg) == "vllm":
-        gens, _ = evaluate.vllm_generate(policy, repeated, gen_cfg, stops, sampling)
-    else:
-        gens, _ = evaluate.hf_generate(policy, evaluate.load_tokenizer(policy), repeated, gen_cfg, stops, sampling)
-    return gens
+    return generate.generate(gen_cfg, policy, tok, repeated, stops, sampling)[0]
 
 
 def filter_samples(problems: pd.DataFrame, gens: list, k: int, keep: str, cap: int) -> tuple[list[dict], dict]:
@@ -74,24 +69,19 @@ def filter_samples(problems: pd.DataFrame, gens: list, k: int, keep: str, cap: i
     return rows, stats
 
 
-def run(cfg, args) -> int:
+def run(cfg) -> int:
     from data_prep import prepare
-    from stages import evaluate, report, sft
-    from stages.evaluate import load_tokenizer, template_of
+    from stages import report
     from stages.export import resolve_init
 
-    from data_prep.templates import TEMPLATES
-
     out = stage_dir(cfg, "ei")
-    initial = resolve_init(args.init or str(cfg.model.path))
+    initial = resolve_init(str(cfg.model.init or cfg.model.path))
     files = prepare(cfg.data, stage_dir(cfg, "data"))
     problems = pd.read_parquet(files["rl_train"])
-    template = template_of(problems)
-    stops = TEMPLATES[template].stop if template else ()
-    tok = load_tokenizer(initial)
-    prompts = [tok.apply_chat_template([dict(m) for m in p], add_generation_prompt=True, tokenize=True,
-                                       return_dict=False) for p in problems["prompt"]]
-    if args.dry_run:
+    stops = generate.stops_of(generate.template_of(problems))
+    tok = generate.load_tokenizer(initial)
+    prompts = generate.prompt_ids(tok, problems["prompt"])
+    if cfg.run.dry_run:
         print(OmegaConf.to_yaml(cfg.ei), f"initial policy: {initial}\n{len(problems)} questions")
         return 0
     policy, records = initial, []
@@ -105,7 +95,7 @@ def run(cfg, args) -> int:
         t0 = time.time()
         rdir.mkdir(parents=True, exist_ok=True)
         # ---- 1-2. sample and filter
-        gens = generate(cfg, policy, prompts, stops)
+        gens = sample(cfg, policy, tok, prompts, stops)
         rows, stats = filter_samples(problems, gens, int(cfg.ei.samples), str(cfg.ei.keep), int(cfg.ei.max_per_question))
         print(f"[ei] round {r}: solve rate {stats['solve_rate']:.3f}, kept {stats['kept']} of {stats['samples']} samples")
         if not rows:
@@ -114,24 +104,17 @@ def run(cfg, args) -> int:
             return 1
         kept = rdir / "kept.parquet"
         pd.DataFrame([{k: v for k, v in row.items() if k != "tokens"} for row in rows]).to_parquet(kept, index=False)
-        # ---- 3. fine-tune through the SFT stage
+        # ---- 3-4. fine-tune through the SFT stage, then evaluate the new policy
         round_cfg = copy.deepcopy(cfg)
         round_cfg.run.output_dir, round_cfg.run.name = str(out), f"round_{r}"
         round_cfg.model.path = policy if cfg.ei.init_each_round == "previous" else initial
+        round_cfg.model.init = None
         round_cfg.data.train_file, round_cfg.data.val_file = str(kept.resolve()), None
-        round_args = copy.copy(args)
-        round_args.init = None
-        rc = sft.run(round_cfg, round_args)
-        if rc:
-            return rc
-        policy = json.loads((rdir / "sft" / "manifest.json").read_text())["hf_model"]
-        # ---- 4. evaluate the new policy
-        round_args.init = str(rdir / "sft")
         round_cfg.eval.dataset = files["rl_test"]
-        rc = evaluate.run(round_cfg, round_args)
-        if rc:
-            return rc
-        metrics = json.loads((rdir / "eval" / "metrics.json").read_text())
+        metrics = chain.train_then_evaluate(round_cfg)
+        if isinstance(metrics, int):
+            return metrics
+        policy = json.loads((rdir / "sft" / "manifest.json").read_text())["hf_model"]
         record = {"round": r, **stats, "policy": policy, "seconds": round(time.time() - t0, 1),
                   **{f"eval_{k}": metrics[k] for k in ("accuracy", "format_accuracy", "trunc_rate", "avg_gen_len")}}
         (rdir / "round.json").write_text(json.dumps(record, indent=2) + "\n")

@@ -5,14 +5,11 @@
     ./train.sh --stage eval --init outputs/<run>/sft --all_checkpoints            # every global_step_N
     ./train.sh --stage eval --init Qwen/Qwen2.5-0.5B --backend hf --limit 100 eval.dataset=math500
 
-`--init`: anything `stages.export.resolve_init` accepts (run/stage folder, global_step_N, HF folder,
+`--init` (`model.init`): anything `stages.export.resolve_init` accepts (run/stage folder, global_step_N, HF folder,
 hub id). Test set: `eval.dataset`, a parquet in data_prep's RL schema or a dataset name; a name reuses
 the run's own `data/rl_<split>.parquet` when the run trained on it (same prompts as training), else
-data_prep writes one into the eval folder. Prompts go through the tokenizer's chat template once and
-the same token ids go to either backend: `vllm` (auto: when importable and a GPU is present) or `hf`
-(transformers generate: batched longest-first, left padding, KV cache; eval.batch_size null starts at
-256 on GPU and halves on CUDA OOM). Both decode greedily and stop at the template's stop strings (r1:
-`</answer>`, kept so the grader sees it), EOS or eval.max_new_tokens; one `score()` grades both.
+data_prep writes one into the eval folder. Generation is stages/generate.py's (`eval.backend`: vllm or hf,
+the same prompt token ids to either), greedy; one `score()` grades both.
 Outputs in eval.output_dir (default outputs/<run>/eval, <run> from --init): metrics.json (METRICS
 below, plus tokens_per_second = generated tokens / generation seconds, model loading excluded),
 predictions.jsonl, manifest.json; --all_checkpoints adds step_N/, curve.jsonl, best.json + a `best`
@@ -20,19 +17,17 @@ link, and plots in outputs/<run>/report.md. Unlike verl's validation (the rollou
 """
 from __future__ import annotations
 
-import gc
-import importlib.util
 import json
 import re
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
-from stages import report
-from stages.common import stage_dir, write_manifest
-from stages.export import resolve_init
+from stages import generate, report
+from stages.config import stage_dir, write_manifest
+from stages.export import resolve_init, run_folder
+from stages.generate import Generation
 
 METRICS = {  # the per-test-set numbers, in report order, with what each one means
     "n": "problems evaluated",
@@ -49,25 +44,11 @@ METRICS = {  # the per-test-set numbers, in report order, with what each one mea
 SUMMARY = [*METRICS, "tokens_per_second", "wall_seconds"]  # the end-of-run box
 
 
-@dataclass
-class Generation:
-    text: str
-    finish_reason: str  # "stop" (EOS or a stop string) or "length" (hit max_new_tokens)
-    tokens: int
-
-
 def fail(message: str) -> SystemExit:
     return SystemExit(f"[eval] {message}")
 
 
 # ---- where the model, the test set and the outputs are
-def run_folder(init: str) -> Path | None:
-    """outputs/<run> when --init lies inside a run folder (a folder holding sft/, ei/ or grpo/)."""
-    p = Path(init).expanduser().resolve()
-    return next((q for q in [p, *p.parents][:4] for s in ("sft", "ei", "grpo")
-                 if (q / s / "manifest.json").exists() or any((q / s).glob("global_step_*"))), None)
-
-
 def output_folder(cfg, init: str) -> Path:
     if cfg.eval.get("output_dir"):
         return Path(cfg.eval.output_dir)
@@ -104,112 +85,6 @@ def load_problems(path: Path, limit) -> pd.DataFrame:
     if missing or df.empty:
         raise fail(f"{path}: {f'missing column(s) {sorted(missing)}' if missing else 'no rows'} (data_prep's schema)")
     return df.head(int(limit)).reset_index(drop=True) if limit else df
-
-
-def template_of(df: pd.DataFrame) -> str | None:
-    """The data_prep template whose instruction ends the prompts (None: a prompt of the user's own)."""
-    from data_prep.templates import TEMPLATES
-
-    last = str(df["prompt"].iloc[0][-1]["content"]).rstrip()
-    return next((name for name, t in TEMPLATES.items() if last.endswith(t.instruction)), None)
-
-
-def load_tokenizer(model: str):
-    from transformers import AutoTokenizer
-
-    try:
-        tok = AutoTokenizer.from_pretrained(model)
-    except Exception as err:  # a hub id that is not there, a corrupt tokenizer.json, ...
-        raise fail(f"{model}: the tokenizer does not load ({err})") from None
-    if not tok.chat_template:
-        raise fail(f"{model}: the tokenizer has no chat template; copy the base model's tokenizer_config.json "
-                   "(or chat_template.jinja) next to the weights")
-    return tok
-
-
-# ---- generation: both backends take the same prompt token ids and return Generations
-def first_stop(text: str, stops) -> int | None:
-    """End of the earliest stop string in text, or None."""
-    ends = [text.find(s) + len(s) for s in stops if s in text]
-    return min(ends) if ends else None
-
-
-def vllm_generate(model: str, prompts: list[list[int]], cfg, stops, sampling: dict | None = None
-                  ) -> tuple[list[Generation], float]:
-    """Greedy unless `sampling` ({temperature, top_p}) is given (expert iteration samples)."""
-    from vllm import LLM, SamplingParams
-
-    e = cfg.eval
-    llm = LLM(model=model, max_model_len=int(e.max_model_len), gpu_memory_utilization=float(e.gpu_memory_utilization),
-              tensor_parallel_size=int(e.tensor_parallel_size), dtype=str(e.dtype), seed=int(cfg.run.seed))
-    params = SamplingParams(**{"temperature": 0, "max_tokens": int(e.max_new_tokens), "stop": list(stops),
-                               "include_stop_str_in_output": True, "seed": int(cfg.run.seed), **(sampling or {})})
-    t0 = time.time()
-    outs = [o.outputs[0] for o in llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=True)]
-    seconds = time.time() - t0
-    del llm
-    gc.collect()  # --all_checkpoints builds one engine per step: let the last one's memory go
-    return [Generation(o.text[: first_stop(o.text, stops)], "length" if o.finish_reason == "length" else "stop",
-                       len(o.token_ids)) for o in outs], seconds
-
-
-def finish(tok, ids: list[int], eos: set[int], stops) -> Generation:
-    """One row of generate()'s output: cut at EOS or the first stop string (kept), count its tokens."""
-    end = next((k + 1 for k, t in enumerate(ids) if t in eos), None)
-    ids = ids[:end] if end else ids
-    text = tok.decode(ids, skip_special_tokens=True)
-    cut = first_stop(text, stops)
-    if cut is None:
-        return Generation(text, "stop" if end else "length", len(ids))
-    lo, hi = 1, len(ids)  # fewest tokens whose text already holds the stop string
-    while lo < hi:
-        mid = (lo + hi) // 2
-        lo, hi = (lo, mid) if first_stop(tok.decode(ids[:mid], skip_special_tokens=True), stops) else (mid + 1, hi)
-    return Generation(text[:cut], "stop", lo)
-
-
-def hf_generate(model: str, tok, prompts: list[list[int]], cfg, stops, sampling: dict | None = None
-                ) -> tuple[list[Generation], float]:
-    """transformers generate, greedy unless `sampling` ({temperature, top_p}) is given; returns the
-    Generations in prompt order and the seconds spent."""
-    import torch
-    from tqdm import tqdm
-    from transformers import AutoModelForCausalLM
-
-    cuda = torch.cuda.is_available() and cfg.launch.device != "cpu"
-    dtype = getattr(torch, str(cfg.eval.dtype)) if cuda else torch.float32
-    net = AutoModelForCausalLM.from_pretrained(model, dtype=dtype).to("cuda" if cuda else "cpu").eval()
-    eos = net.generation_config.eos_token_id
-    eos = {tok.eos_token_id, *(eos if isinstance(eos, list) else [eos])} - {None}
-    pad = tok.pad_token_id if tok.pad_token_id is not None else min(eos)
-    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # longest first: OOM shows early
-    size, fixed = int(cfg.eval.batch_size or (256 if cuda else 32)), bool(cfg.eval.batch_size)
-    out, done, t0 = [None] * len(prompts), 0, time.time()
-    with tqdm(total=len(prompts), desc="eval", unit="problem") as bar:
-        while done < len(order):
-            batch = [prompts[i] for i in order[done: done + size]]
-            width = max(len(p) for p in batch)
-            ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch], device=net.device)
-            mask = (torch.arange(width) >= torch.tensor([[width - len(p)] for p in batch])).long().to(net.device)
-            try:
-                with torch.inference_mode():
-                    gen = net.generate(input_ids=ids, attention_mask=mask, max_new_tokens=int(cfg.eval.max_new_tokens),
-                                       do_sample=bool(sampling), top_k=None, use_cache=True,
-                                       **(sampling or {"temperature": None, "top_p": None}),
-                                       repetition_penalty=1.0,  # vLLM ignores generation_config.json's; so do we
-                                       pad_token_id=pad, eos_token_id=sorted(eos), stop_strings=list(stops) or None,
-                                       tokenizer=tok)
-            except torch.OutOfMemoryError:
-                if fixed or size == 1:
-                    raise fail(f"CUDA out of memory at eval.batch_size={size}; lower it (null = find one)") from None
-                size, _ = size // 2, torch.cuda.empty_cache()
-                bar.write(f"[eval] CUDA out of memory: batch size now {size}")
-                continue
-            for k, row in enumerate(gen[:, width:].tolist()):
-                out[order[done + k]] = finish(tok, row, eos, stops)
-            done += len(batch)
-            bar.update(len(batch))
-    return out, time.time() - t0  # the model goes with this frame; the caching allocator keeps its memory
 
 
 # ---- grading: the same for both backends
@@ -250,31 +125,16 @@ def score(df: pd.DataFrame, gens: list[Generation], template: str | None) -> tup
 
 
 # ---- the stage
-def backend(cfg) -> str:
-    import torch
-
-    name, has_vllm = str(cfg.eval.backend), importlib.util.find_spec("vllm") is not None
-    if name == "auto":
-        name = "vllm" if has_vllm and torch.cuda.is_available() and cfg.launch.device != "cpu" else "hf"
-    if name not in ("hf", "vllm") or (name == "vllm" and not has_vllm):
-        raise fail(f"eval.backend={name}: use auto, hf or vllm (vllm: pip install -e '.[gpu]' on a GPU machine)")
-    return name
-
-
 def evaluate(cfg, model: str, tok, df: pd.DataFrame, data: Path, out: Path, engine: str) -> dict:
     """One model on one test set → out/{metrics.json, predictions.jsonl}; returns the metrics."""
-    from data_prep.templates import TEMPLATES
-
     t0 = time.time()
-    template = template_of(df)
-    stops = TEMPLATES[template].stop if template else ()
-    prompts = [tok(tok.apply_chat_template([dict(m) for m in p], add_generation_prompt=True, tokenize=False),
-                   add_special_tokens=False)["input_ids"] for p in df["prompt"]]
+    template = generate.template_of(df)
+    stops = generate.stops_of(template)
+    prompts = generate.prompt_ids(tok, df["prompt"])
     if engine == "vllm" and max(map(len, prompts)) + int(cfg.eval.max_new_tokens) > int(cfg.eval.max_model_len):
         raise fail(f"longest prompt ({max(map(len, prompts))} tokens) + eval.max_new_tokens > eval.max_model_len")
     print(f"[eval] {model} on {data} ({len(df)} problems, template {template}, backend {engine})", flush=True)
-    gens, seconds = (vllm_generate(model, prompts, cfg, stops) if engine == "vllm"
-                     else hf_generate(model, tok, prompts, cfg, stops))
+    gens, seconds = generate.generate(cfg, model, tok, prompts, stops)
     metrics, records = score(df, gens, template)
     tokens = sum(g.tokens for g in gens)
     metrics.update(wall_seconds=round(time.time() - t0, 2), gen_seconds=round(seconds, 2), gen_tokens=tokens,
@@ -297,18 +157,18 @@ def checkpoints(init: str) -> list[tuple[int, Path]]:
                "often verl saves, sft.keep_ckpts how many it keeps)")
 
 
-def run(cfg, args) -> int:
-    init = getattr(args, "init", None) or str(cfg.model.path)
+def run(cfg) -> int:
+    init = str(cfg.model.init or cfg.model.path)
     out = output_folder(cfg, init)
-    if getattr(args, "dry_run", False):
+    if cfg.run.dry_run:
         print(json.dumps({"init": init, "output_dir": str(out), "eval": dict(cfg.eval)}, indent=2, default=str))
         return 0
     # ---- everything that can be wrong is found before the first token is generated
-    engine = backend(cfg)
+    engine = generate.backend(cfg)
     try:  # resolve_init checks each folder (config.json, weights, tokenizer); data_prep names bad records
         folders = checkpoints(init) if cfg.eval.all_checkpoints else [(None, init)]
         models = [(step, resolve_init(str(folder))) for step, folder in folders]
-        tokenizers = [load_tokenizer(model) for _, model in models]
+        tokenizers = [generate.load_tokenizer(model) for _, model in models]
         data = eval_file(cfg, out, run_folder(init))
     except (FileNotFoundError, ValueError, KeyError) as err:
         raise fail(str(err)) from None

@@ -16,7 +16,7 @@ folder loads anywhere.
 a stage folder or its manifest.json, a verl `global_step_N` folder (exported on first use into
 `global_step_N/ladder_export/`, so the cache goes when verl or keep-last-N deletes the checkpoint,
 and no stray `global_step_*` sibling confuses checkpoint listings), any Hugging Face folder, or a
-hub id (not when HF_HUB_OFFLINE=1).
+hub id (not when HF_HUB_OFFLINE=1). `run_folder(init)` finds the outputs/<run> an --init lies in.
 """
 from __future__ import annotations
 
@@ -27,9 +27,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from stages.common import hub_offline, read_manifest
+from stages import registry
+from stages.config import hub_offline, read_manifest
 
-STAGE_ORDER = ("grpo", "ei", "sft")  # a run folder resolves to its most advanced stage with an export
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 CACHE = "ladder_export"
 INDEX = "model.safetensors.index.json"
@@ -122,7 +122,7 @@ def _merge_lora(peft_model, out: Path, adapter_dir: Path, base_model: str | None
 # ---- export
 def export(step_dir: Path, dest: Path, base_model: str | None = None) -> dict:
     """verl `global_step_N` → dest/hf (and dest/adapter for LoRA); returns their paths and `lora`."""
-    from stages import attention  # a checkpoint trained with ladder_varlen names it in its config.json
+    from plugins import attention  # a checkpoint trained with ladder_varlen names it in its config.json
 
     step_dir, dest = Path(step_dir), Path(dest)
     if not step_dir.is_dir():
@@ -175,6 +175,13 @@ def check_model_folder(folder: Path) -> None:
 
 
 # ---- --init
+def run_folder(init: str) -> Path | None:
+    """outputs/<run> when --init lies inside a run folder (a folder holding sft/, ei/ or grpo/)."""
+    p = Path(init).expanduser().resolve()
+    return next((q for q in [p, *p.parents][:4] for s in registry.trainers()
+                 if (q / s / "manifest.json").exists() or any((q / s).glob("global_step_*"))), None)
+
+
 def resolve_init(path: str | Path) -> str:
     """The Hugging Face folder (or hub id) that `--init path` means; see the module docstring."""
     p = Path(str(path)).expanduser()
@@ -183,7 +190,8 @@ def resolve_init(path: str | Path) -> str:
     if p.is_dir():
         if (p / "manifest.json").exists():
             return _from_manifest(p / "manifest.json")
-        stages = [p / s for s in STAGE_ORDER if (p / s / "manifest.json").exists()]
+        # a run folder: its most advanced stage with an export
+        stages = [p / s for s in reversed(registry.trainers()) if (p / s / "manifest.json").exists()]
         for stage in stages:
             if "hf_model" in read_manifest(stage):
                 return _from_manifest(stage / "manifest.json")

@@ -5,11 +5,8 @@ rewarded by ladder's own grader (rewards.compute_score), then export and a manif
     ./train.sh --stage grpo --init outputs/<run>/sft --rollout hf           # no vLLM: transformers rollout
     N_GPUS=8 ./train.sh --stage grpo --init outputs/<run>/sft               # one node, 8 GPUs
     N_GPUS=8 NNODES=2 NODE_RANK=0 MASTER_ADDR=10.0.0.1 ./train.sh --stage grpo --init …   # on each node,
-        its own NODE_RANK: node 0 starts a Ray head on MASTER_PORT, waits for NNODES nodes, trains and
-        stops its own Ray (not `ray stop`, which stops every Ray of its host); the others join it (`ray
-        start --address … --block`) and return once they lose it (Ray waits 60 s); `launch.ray_start_args`
-        adds flags to every `ray start`; outputs/ must be one shared folder, as every rank writes its
-        checkpoint shard there
+        its own NODE_RANK: one Ray cluster, node 0 the head (stages/ray_cluster.py); outputs/ must be one
+        shared folder, as every rank writes its checkpoint shard there
     ./train.sh --stage grpo --init outputs/<run>/sft --dry_run             # print the command and config
 
 Each step samples `grpo.group_size` completions for each of `grpo.batch_size` training prompts, scores
@@ -17,7 +14,7 @@ them with rewards.compute_score (1 for a strict-correct answer, else 0), and nor
 each prompt's group (GRPO, outcome reward, no critic). Validation is greedy on the test split.
 What ladder sets on top of verl's defaults (all visible with --dry_run):
   - the legacy trainer (`trainer.use_v1=false`: verl's v1 trainer needs the TransferQueue package);
-  - rollout `auto`: vLLM when it imports, else `hf`, ladder's transformers backend (stages/hf_rollout.py,
+  - rollout `auto`: vLLM when it imports, else `hf`, ladder's transformers backend (plugins/hf_rollout.py,
     registered in every Ray process through VERL_USE_EXTERNAL_MODULES; always tensor parallel 1);
   - KL as a loss (low_var_kl, 0.001) against the initial policy, no KL in the reward, no entropy bonus;
     lr 1e-6, response length 1024, dynamic batching, torch.compile off; the actor's attention is
@@ -34,28 +31,25 @@ LoRA), manifest.json}.
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import os
 import shlex
-import socket
 import subprocess
 import sys
-import time
 from importlib.util import find_spec
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from stages.common import REPO, flatten, read_manifest, stage_dir, write_manifest
-from stages.sft import CPU_ENV, environment, kernel_keys, latest_step, loggers, read_metrics
+from stages import launch, ray_cluster, registry
+from stages.config import REPO, flatten, read_manifest, stage_dir, write_manifest
 
 RL_COLUMNS = ("data_source", "prompt", "reward_model")
 
 
 # ---- inputs: data, rollout backend, initial policy
-def data_files(cfg, prepare: bool = True) -> tuple[str, str]:
+def rl_files(cfg, prepare: bool = True) -> tuple[str, str]:
     """RL parquet files: data.train_file/val_file when given, else data_prep's rl_train / rl_test.
 
     With prepare=False (--dry_run) nothing is written: the paths data_prep would write are named.
@@ -98,21 +92,21 @@ def rollout_name(cfg) -> str:
     return name
 
 
-def initial_policy(cfg, args) -> tuple[str, dict]:
+def initial_policy(cfg) -> tuple[str, dict]:
     """The HF folder to start from (--init through resolve_init, else model.path) and what it was.
 
     An --init inside outputs/<run> also names this stage's run, so GRPO lands in outputs/<run>/grpo.
     """
-    from stages.evaluate import run_folder
-    from stages.export import STAGE_ORDER, resolve_init
+    from stages.export import resolve_init, run_folder
 
-    given = args.init or str(cfg.model.path)
-    run = run_folder(given) if args.init else None
+    given = str(cfg.model.init or cfg.model.path)
+    run = run_folder(given) if cfg.model.init else None
     if run is not None and not cfg.run.name:
         cfg.run.output_dir, cfg.run.name = str(run.parent), run.name
     info = {"init": given}
     folder = Path(given)
-    candidates = [folder] + [folder / s for s in STAGE_ORDER if s != "grpo"]  # a stage, or a run's stages
+    # a stage, or a run's stages, the most advanced first
+    candidates = [folder] + [folder / s for s in reversed(registry.trainers()) if s != "grpo"]
     manifest = next((c / "manifest.json" for c in candidates if (c / "manifest.json").is_file()), None)
     if manifest is not None:  # what the init stage was: LoRA runs hand over their merged export
         m = read_manifest(manifest)
@@ -123,11 +117,12 @@ def initial_policy(cfg, args) -> tuple[str, dict]:
 # ---- the verl command
 def external_modules(cfg) -> str:
     """Modules verl imports in every process: the hf rollout, and on CPU the test platform shims."""
-    mods = ["tests.cpu_platform", "tests.cpu_platform_rl"] if cfg.launch.device == "cpu" else []
-    return ",".join(mods + ["stages.hf_rollout"])
+    mods = list(launch.CPU_RL_PLUGINS) if cfg.launch.device == "cpu" else []
+    return ",".join(mods + ["plugins.hf_rollout"])
 
 
-def verl_overrides(cfg, out: Path, init: str, train: str, val: str, rollout: str) -> list[str]:
+def main_ppo_keys(cfg, out: Path, init: str, train: str, val: str, rollout: str) -> list[str]:
+    """verl.trainer.main_ppo's overrides: config.yaml's grpo.verl block, model, data, reward, trainer keys."""
     import rewards
 
     resume = cfg.grpo.resume_from
@@ -143,31 +138,17 @@ def verl_overrides(cfg, out: Path, init: str, train: str, val: str, rollout: str
         f"data.val_files={val}",
         f"reward.custom_reward_function.path={Path(rewards.__file__).resolve()}",
         "reward.custom_reward_function.name=compute_score",
-        f"trainer.default_local_dir={out.resolve()}",
         f"trainer.rollout_data_dir={(out / 'rollouts').resolve()}",  # per-step samples: grpo_report counts groups
-        f"trainer.project_name={cfg.logging.wandb_project or 'ladder'}",
-        f"trainer.experiment_name={cfg.run.name}-grpo",
-        f"trainer.logger=[{','.join(loggers(cfg))}]",
-        f"trainer.resume_mode={'resume_path' if resume else 'auto'}",
-        f"trainer.resume_from_path={Path(resume).resolve() if resume else 'null'}",
-        f"trainer.nnodes={cfg.launch.nnodes}",
-        f"trainer.n_gpus_per_node={cfg.launch.n_gpus}",
         # Ray workers inherit the driver's environment too; this also reaches a cluster started elsewhere
         f"+ray_kwargs.ray_init.runtime_env.env_vars.VERL_USE_EXTERNAL_MODULES={modules}",
-    ]
+    ] + launch.trainer_keys(cfg, out, "grpo", resume)
     # the actor's and reference's packed forward passes; the hf rollout decodes with sdpa whatever this is
-    keys += kernel_keys(cfg, cfg.grpo.verl.actor_rollout_ref.model, "actor_rollout_ref.model.", attention_only=True)
+    keys += launch.kernel_keys(cfg, cfg.grpo.verl.actor_rollout_ref.model, "actor_rollout_ref.model.", attention_only=True)
     if lora and rollout == "vllm":
         keys.append("actor_rollout_ref.rollout.load_format=safetensors")
     if lora and rollout == "hf":
         keys.append("actor_rollout_ref.model.lora.merge=true")
-    if cfg.launch.device == "cpu":
-        keys.append("trainer.device=cpu")
     return keys
-
-
-def command(overrides: list[str]) -> list[str]:
-    return [sys.executable, "-m", "verl.trainer.main_ppo", *overrides]
 
 
 def grpo_environment(cfg, out: Path | None) -> dict[str, str]:
@@ -175,104 +156,34 @@ def grpo_environment(cfg, out: Path | None) -> dict[str, str]:
     if out is None:
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
         if cfg.launch.device == "cpu":  # that node's workers start from its raylet's environment
-            env.update(CPU_ENV)
+            env.update(launch.CPU_ENV)
     else:
-        env = environment(cfg, out.resolve())  # PYTHONPATH, metrics/TensorBoard paths, wandb, CPU platform
+        env = launch.environment(cfg, out.resolve())  # PYTHONPATH, metrics/TensorBoard paths, wandb, CPU platform
     env["VERL_USE_EXTERNAL_MODULES"] = external_modules(cfg)
-    if env.pop("LADDER_COMPILE", None):  # kernel_keys(attention_only=True) loads no stages.compile here
+    if env.pop("LADDER_COMPILE", None):  # kernel_keys(attention_only=True) loads no plugins.compile here
         print("[grpo] model.compile applies to the SFT stage only: GRPO's actor runs eager", file=sys.stderr)
     return env
 
 
-# ---- several nodes: one Ray cluster, main_ppo on the head
-def ray_commands(cfg) -> list[str]:
-    """This node's `ray start`, blocking: stopping it stops this node's Ray and no other Ray of its host."""
-    launch, ray = cfg.launch, str(Path(sys.executable).with_name("ray"))
-    extra = shlex.split(str(launch.ray_start_args or ""))
-    if int(launch.node_rank) == 0:
-        return [ray, "start", "--head", f"--node-ip-address={launch.master_addr}", f"--port={launch.master_port}",
-                "--block", *extra]
-    return [ray, "start", f"--address={launch.master_addr}:{launch.master_port}", "--block", *extra]
-
-
-def agree_on_ray_auth() -> None:
-    """`ray start --head` turns token auth on by itself when it finds a token (any earlier local ray.init
-    writes ~/.ray/auth_token), but a node joining it or a client connecting to it does not: without
-    RAY_AUTH_MODE=token they are refused. Set here, it reaches this process and every one it starts."""
-    path = os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token"
-    if os.environ.get("RAY_AUTH_TOKEN") or Path(path).is_file():
-        os.environ.setdefault("RAY_AUTH_MODE", "token")
-
-
-def answers(addr: str, port: int) -> bool:
-    try:
-        socket.create_connection((addr, port), timeout=5).close()
-        return True
-    except OSError:
-        return False
-
-
-def start_head(cfg, env: dict[str, str]) -> subprocess.Popen:
-    """The Ray head, in the background, once its port answers."""
-    addr, port = str(cfg.launch.master_addr), int(cfg.launch.master_port)
-    if answers(addr, port):
-        raise SystemExit(f"[grpo] {addr}:{port} (MASTER_ADDR:MASTER_PORT) is taken: if an old Ray head still runs "
-                         "there, stop it (`ray stop`), or choose another MASTER_PORT")
-    head = subprocess.Popen(ray_commands(cfg), env=env)
-    while not answers(addr, port):
-        if head.poll() is not None:
-            raise SystemExit(f"[grpo] the Ray head did not start: {shlex.join(head.args)} exited {head.returncode}")
-        time.sleep(1)
-    return head
-
-
-def stop_head(head: subprocess.Popen, port: int) -> None:
-    """Stop this node's Ray; the other nodes' `ray start --block` exit once they lose it (Ray: 60 s)."""
-    from ray._common.utils import get_ray_address_file
-
-    head.terminate()
-    head.wait()
-    # as `ray stop` does: a plain ray.init() on this host would try to join the cluster named here
-    named = Path(get_ray_address_file(None))
-    if named.is_file() and named.read_text().strip().endswith(f":{port}"):
-        named.unlink()
-
-
-def wait_for_nodes(address: str, nnodes: int, timeout_s: float = 1800) -> None:
-    import ray
-
-    ray.init(address=address, logging_level="ERROR")
-    try:
-        deadline = time.time() + timeout_s
-        while (alive := sum(n["Alive"] for n in ray.nodes())) < nnodes:
-            if time.time() > deadline:
-                raise SystemExit(f"[grpo] only {alive} of {nnodes} nodes joined the Ray head at {address} in "
-                                 f"{timeout_s:.0f}s: start this stage on every node with its own NODE_RANK")
-            print(f"[grpo] {alive}/{nnodes} nodes in the Ray cluster at {address}; waiting", flush=True)
-            time.sleep(10)
-    finally:
-        ray.shutdown()
-
-
 # ---- the stage
-def run(cfg, args) -> int:
-    multinode = int(cfg.launch.nnodes) > 1
-    if multinode and not args.dry_run:
-        agree_on_ray_auth()
+def run(cfg) -> int:
+    multinode, dry_run = int(cfg.launch.nnodes) > 1, bool(cfg.run.dry_run)
+    if multinode and not dry_run:
+        ray_cluster.agree_on_ray_auth()
     if multinode and int(cfg.launch.node_rank) != 0:  # this node only lends its GPUs to the head's cluster
-        cmd = ray_commands(cfg)
-        print(shlex.join(cmd) if args.dry_run else f"[grpo] node {cfg.launch.node_rank}: {shlex.join(cmd)}", flush=True)
-        if not args.dry_run:
+        cmd = ray_cluster.ray_commands(cfg)
+        print(shlex.join(cmd) if dry_run else f"[grpo] node {cfg.launch.node_rank}: {shlex.join(cmd)}", flush=True)
+        if not dry_run:
             rc = subprocess.call(cmd, env=grpo_environment(cfg, None))
             print(f"[grpo] node {cfg.launch.node_rank}: Ray exited ({rc}); node 0 exports and writes the manifest")
         return 0
     rollout = rollout_name(cfg)
-    init, init_info = initial_policy(cfg, args)  # may name the run after --init's, so before stage_dir
+    init, init_info = initial_policy(cfg)  # may name the run after --init's, so before stage_dir
     out = stage_dir(cfg, "grpo")
-    train, val = data_files(cfg, prepare=not args.dry_run)
-    cmd = command(verl_overrides(cfg, out, init, train, val, rollout))
-    if args.dry_run:
-        print("\n".join(shlex.join(c) for c in ([ray_commands(cfg)] if multinode else []) + [cmd]))
+    train, val = rl_files(cfg, prepare=not dry_run)
+    cmd = [sys.executable, "-m", "verl.trainer.main_ppo", *main_ppo_keys(cfg, out, init, train, val, rollout)]
+    if dry_run:
+        print("\n".join(shlex.join(c) for c in ([ray_cluster.ray_commands(cfg)] if multinode else []) + [cmd]))
         print(OmegaConf.to_yaml(cfg, resolve=True))
         return 0
     lora = bool(cfg.model.use_lora)
@@ -286,31 +197,31 @@ def run(cfg, args) -> int:
     # verl's TaskRunner, which logs, may run on another node, whose raylet's environment lacks these
     cmd += [f"+ray_kwargs.ray_init.runtime_env.env_vars.{key}={env[key]}"
             for key in ("VERL_FILE_LOGGER_PATH", "TENSORBOARD_DIR")]
-    head = start_head(cfg, env) if multinode else None
+    head = ray_cluster.start_head(cfg, env) if multinode else None
     if not head:  # one node: a Ray of its own, even where another job's cluster runs (ray.init would join it)
         env.setdefault("RAY_ADDRESS", "local")
     try:
         if head:
             env["RAY_ADDRESS"] = f"{cfg.launch.master_addr}:{cfg.launch.master_port}"
-            wait_for_nodes(env["RAY_ADDRESS"], int(cfg.launch.nnodes))
+            ray_cluster.wait_for_nodes(env["RAY_ADDRESS"], int(cfg.launch.nnodes))
         print("[grpo] " + shlex.join(cmd), flush=True)
         rc = subprocess.call(cmd, env=env, cwd=REPO)
     finally:
         if head:
-            stop_head(head, int(cfg.launch.master_port))
+            ray_cluster.stop_head(head, int(cfg.launch.master_port))
     if rc:
         print(f"[grpo] verl's trainer exited with {rc}; rerun the same command to resume from the last "
               f"checkpoint in {out}", file=sys.stderr)
         return rc
-    return finish(cfg, out, record)
+    return export_and_record(cfg, out, record)
 
 
-def finish(cfg, out: Path, record: dict) -> int:
+def export_and_record(cfg, out: Path, record: dict) -> int:
     """Export the last actor, evaluate it with the eval stage, write the manifest and the report section."""
     from stages import evaluate, grpo_report
     from stages.export import export
 
-    step = latest_step(out)
+    step = launch.latest_step(out)
     if not step:
         print(f"[grpo] no checkpoint in {out}: set grpo.save_freq > 0 so the last step is saved", file=sys.stderr)
         return 1
@@ -324,8 +235,8 @@ def finish(cfg, out: Path, record: dict) -> int:
         eval_cfg.eval.output_dir, eval_cfg.eval.dataset = str(out / "eval"), record["val_file"]
         if eval_cfg.eval.limit is None and int(cfg.grpo.val_size) > 0:  # as many problems as validation used
             eval_cfg.eval.limit = int(cfg.grpo.val_size)
-        eval_args = argparse.Namespace(init=exported["hf"], dry_run=False)
-        rc = evaluate.run(eval_cfg, eval_args)
+        eval_cfg.model.init = exported["hf"]
+        rc = evaluate.run(eval_cfg)
         if rc:
             return rc
         final = json.loads((out / "eval" / "metrics.json").read_text())

@@ -16,7 +16,7 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-from stages.sft import read_metrics
+from stages.launch import read_metrics
 
 # (row key, verl metric key, what it is)
 COLUMNS = [

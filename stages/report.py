@@ -2,8 +2,8 @@
 
 A stage calls `add_section(run_dir, key, title, markdown, figures)`; the section is kept as its own
 file, `outputs/<run>/report/<order>-<key>.md`, and report.md is rebuilt from all of them, so a rerun
-replaces its section instead of appending a copy. Order: sft 10, eval 20, ei 30, grpo 40, others 50
-(or pass `order=`); keys such as `ei-round-2` sort after `ei`'s own. Figures live under
+replaces its section instead of appending a copy. Order: the stage table's (stages/registry.py: sft, eval,
+ei, grpo, then the rest), or pass `order=`; keys such as `ei-round-2` sort after `ei`'s own. Figures live under
 `outputs/<run>/report/figures/` and are embedded by relative path, so the folder can be moved whole.
 
     from stages import report
@@ -19,7 +19,8 @@ import re
 import sys
 from pathlib import Path
 
-ORDER = {"sft": 10, "eval": 20, "ei": 30, "grpo": 40}
+from stages import registry
+
 SECTION = re.compile(r"^(\d{3})-(.+)\.md$")
 
 
@@ -84,7 +85,7 @@ def add_section(run_dir: Path, key: str, title: str, markdown: str, figures=(), 
         if SECTION.match(old.name) and SECTION.match(old.name).group(2) == key:
             old.unlink()
     if order is None:
-        order = ORDER.get(key.split("-")[0], 50)
+        order = registry.report_order(key)
     embeds = "".join(f"\n![{Path(f).stem}]({Path(os.path.relpath(Path(f).resolve(), run_dir.resolve())).as_posix()})\n"
                      for f in figures)
     (folder / f"{order:03d}-{key}.md").write_text(f"## {title}\n\n{markdown.strip()}\n{embeds}")

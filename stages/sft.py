@@ -10,12 +10,12 @@
 The launch is `python -m torch.distributed.run` (torchrun) of this interpreter: `--standalone` on one
 node, `--nnodes/--node_rank/--master_addr/--master_port` on several (all nodes must share
 outputs/, as verl resumes from and writes checkpoints to one folder). Where ladder departs from verl:
-  - kernels (`kernels()`, measured in docs/benchmarks.md): on CUDA without flash-attn the attention
-    is `ladder_varlen` (stages/attention.py, loaded through verl's model.external_lib; verl's default
+  - kernels (`launch.kernels()`, measured in docs/benchmarks.md): on CUDA without flash-attn the attention
+    is `ladder_varlen` (plugins/attention.py, loaded through verl's model.external_lib; verl's default
     flash_attention_2 needs the flash-attn package, and sdpa over packed rows builds a dense mask),
-    with liger-kernel when installed and ladder's fused loss (stages/fused_ce.py: cuBLAS matmuls plus two
+    with liger-kernel when installed and ladder's fused loss (plugins/fused_ce.py: cuBLAS matmuls plus two
     triton passes, swapped in for verl's torch backend) when triton is; on CPU plain sdpa;
-  - torch.compile off by default; `model.compile=true` compiles each decoder layer (stages/compile.py:
+  - torch.compile off by default; `model.compile=true` compiles each decoder layer (plugins/compile.py:
     verl's own engine.use_torch_compile only compiles an entropy helper SFT never calls); dynamic batching on, cosine schedule with 5% warmup, lr 1e-5;
   - checkpoints also hold `huggingface/` weights (`hf_model`), so export needs no merger run;
   - loggers: console, TensorBoard and verl's JSONL `file` logger; wandb only when WANDB_PROJECT is
@@ -26,16 +26,14 @@ outputs/, as verl resumes from and writes checkpoints to one folder). Where ladd
     #5725/#7401). A run that already holds all its steps is not relaunched, only exported;
   - keep-last-N (`sft.keep_ckpts`) holds across attempts: verl forgets the checkpoints of an earlier
     (killed) attempt, so ladder deletes the surplus after training;
-  - `--init` (a run, stage, checkpoint or HF folder) replaces model.path as the starting weights.
+  - `--init` (`model.init`: a run, stage, checkpoint or HF folder) replaces model.path as the starting weights.
 Outputs: outputs/<run>/sft/{global_step_N/, logs/metrics.K.jsonl (one per attempt), tensorboard/,
 hf/ (+ adapter/ for LoRA), manifest.json}. `launch.device=cpu` (tests, demo) loads the CPU platform
-shim tests/cpu_platform.py into every rank: gloo, FSDP2, sdpa.
+shim plugins/cpu_platform.py into every rank: gloo, FSDP2, sdpa.
 """
 from __future__ import annotations
 
-import json
 import math
-import os
 import shlex
 import shutil
 import subprocess
@@ -44,13 +42,12 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from stages.common import REPO, flatten, stage_dir, write_manifest
-
-CPU_ENV = {"VERL_PLATFORM": "cpu", "VERL_USE_EXTERNAL_MODULES": "tests.cpu_platform", "CUDA_VISIBLE_DEVICES": ""}
+from stages import launch
+from stages.config import REPO, flatten, stage_dir, write_manifest
 
 
 # ---- data
-def data_files(cfg, prepare: bool = True) -> tuple[str, str | None]:
+def sft_files(cfg, prepare: bool = True) -> tuple[str, str | None]:
     """A ready parquet (data.train_file) or what data_prep makes from config.yaml's data section.
 
     With prepare=False (--dry_run) nothing is written: the paths data_prep would write are named.
@@ -72,130 +69,12 @@ def data_files(cfg, prepare: bool = True) -> tuple[str, str | None]:
 
 
 # ---- the verl command
-def loggers(cfg) -> list[str]:
-    """console + verl's JSONL `file` always; TensorBoard, wandb only when importable (a missing one is said)."""
-    from importlib.util import find_spec
-
-    names = ["console", "file"]
-    for name in ["tensorboard"] + (["wandb"] if cfg.logging.wandb_project else []):
-        if find_spec(name) is None:
-            print(f"[sft] {name} is not installed: logging without it", file=sys.stderr)
-        else:
-            names.append(name)
-    return names
-
-
-def kernels(cfg) -> dict:
-    """config.yaml's model.attn_implementation / liger / fused_ce, with `auto` decided for this machine.
-
-    auto on CUDA: flash_attention_2 when flash-attn imports, else ladder_varlen when this torch has
-    its varlen flash kernel, else sdpa; liger when liger_kernel imports; ladder's fused loss
-    (stages/fused_ce.py) when triton imports. auto on CPU: sdpa, no liger, no fused loss. With
-    model.compile on, auto means no liger.
-    """
-    from importlib.util import find_spec
-
-    m, cuda = cfg.model, cfg.launch.device == "cuda"
-    attn = str(m.attn_implementation)
-    if attn == "auto":
-        attn = ("sdpa" if not cuda else "flash_attention_2" if find_spec("flash_attn")
-                else "ladder_varlen" if find_spec("torch.nn.attention.varlen") else "sdpa")
-    compile_with = compile_backend(m.get("compile"))
-    # auto: no liger under compile, which fuses the same norms, SwiGLU and rotary embedding itself
-    liger = (cuda and find_spec("liger_kernel") is not None and not compile_with if str(m.liger) == "auto"
-             else bool(m.liger))
-    fused = "off" if m.fused_ce in (False, None) else str(m.fused_ce)  # YAML reads a bare `off` as false
-    if fused == "auto":  # ladder's kernels are triton; measured faster than verl's own (docs/benchmarks.md)
-        fused = "ladder" if cuda and find_spec("triton") else "off"
-    if fused not in ("off", "torch", "triton", "liger", "ladder"):
-        raise SystemExit(f"[sft] model.fused_ce={fused}: use auto, off, ladder (stages/fused_ce.py) or a verl "
-                         "backend: torch, triton, liger")
-    return {"attn": attn, "liger": liger, "fused_ce": fused, "compile": compile_with}
-
-
-def compile_backend(value) -> str:
-    """model.compile → a torch.compile backend for stages/compile.py, or "" (off)."""
-    from stages.compile import BACKENDS
-
-    if value in (None, False, "false", "off"):
-        return ""
-    backend = "inductor" if value in (True, "true") else str(value)
-    if backend not in BACKENDS:
-        raise SystemExit(f"[sft] model.compile={value}: use false, true (inductor) or a backend: {', '.join(BACKENDS)}")
-    return backend
-
-
-def kernel_keys(cfg, model, prefix: str = "model.", attention_only: bool = False) -> list[str]:
-    """verl keys for kernels(cfg) under `prefix`; a key already set in `model` (the verl model block) wins.
-
-    GRPO takes the attention only: liger, the fused loss and compile are not measured in its actor yet.
-    """
-    k = kernels(cfg)
-    keys = {"override_config.attn_implementation": k["attn"]}
-    libs = []  # ladder's modules that verl imports in every process that builds the model
-    if k["attn"] == "ladder_varlen":
-        libs.append("stages.attention")
-    if k["compile"] and not attention_only:
-        libs.append("stages.compile")
-    if k["fused_ce"] == "ladder" and not attention_only:
-        libs.append("stages.fused_ce")
-    if libs:
-        keys["external_lib"] = libs[0] if len(libs) == 1 else f"[{','.join(libs)}]"
-    if not attention_only:
-        keys.update({"use_liger": k["liger"], "use_fused_kernels": k["fused_ce"] != "off"})
-        if k["fused_ce"] != "off":  # ladder's replaces the function verl's torch backend calls
-            keys["fused_kernel_options.impl_backend"] = "torch" if k["fused_ce"] == "ladder" else k["fused_ce"]
-    return [f"++{prefix}{key}={str(value).lower() if isinstance(value, bool) else value}"
-            for key, value in keys.items() if OmegaConf.select(model, key) is None]
-
-
-def verl_overrides(cfg, out: Path, train: str, val: str | None) -> list[str]:
-    resume = cfg.sft.resume_from
-    keys = flatten(cfg.sft.verl) + kernel_keys(cfg, cfg.sft.verl.model) + [
+def trainer_keys(cfg, out: Path, train: str, val: str | None) -> list[str]:
+    """verl.trainer.sft_trainer's overrides: config.yaml's sft.verl block, the kernels, data and trainer keys."""
+    return flatten(cfg.sft.verl) + launch.kernel_keys(cfg, cfg.sft.verl.model) + [
         f"data.train_files={train}",
         f"data.val_files={val or 'null'}",
-        f"trainer.default_local_dir={out.resolve()}",
-        f"trainer.project_name={cfg.logging.wandb_project or 'ladder'}",
-        f"trainer.experiment_name={cfg.run.name}-sft",
-        f"trainer.logger=[{','.join(loggers(cfg))}]",
-        f"trainer.resume_mode={'resume_path' if resume else 'auto'}",
-        f"trainer.resume_from_path={Path(resume).resolve() if resume else 'null'}",
-        f"trainer.nnodes={cfg.launch.nnodes}",  # informational: verl takes the topology from torchrun
-        f"trainer.n_gpus_per_node={cfg.launch.n_gpus}",
-    ]
-    if cfg.launch.device == "cpu":
-        keys.append("trainer.device=cpu")
-    return keys
-
-
-def command(cfg, overrides: list[str]) -> list[str]:
-    launch = cfg.launch
-    if int(launch.nnodes) > 1:
-        where = [f"--nnodes={launch.nnodes}", f"--node_rank={launch.node_rank}",
-                 f"--master_addr={launch.master_addr}", f"--master_port={launch.master_port}"]
-    else:
-        where = ["--standalone", "--nnodes=1"]
-    return [sys.executable, "-m", "torch.distributed.run", *where, f"--nproc_per_node={launch.n_gpus}",
-            "-m", "verl.trainer.sft_trainer", *overrides]
-
-
-def environment(cfg, out: Path) -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    logs = out / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    # verl's file logger truncates its file: one file per attempt, read back in order
-    env["VERL_FILE_LOGGER_PATH"] = str(logs / f"metrics.{len(list(logs.glob('metrics.*.jsonl')))}.jsonl")
-    env["TENSORBOARD_DIR"] = str(out / "tensorboard")
-    env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if not cfg.logging.wandb_project:
-        env.setdefault("WANDB_MODE", "disabled")
-    if cfg.launch.device == "cpu":  # tests and demo only: verl 0.9.1 has no CPU platform of its own
-        env.update(CPU_ENV)
-    backend = kernels(cfg)["compile"]
-    if backend:  # read by stages/compile.py in every rank
-        env["LADDER_COMPILE"] = backend
-    return env
+    ] + launch.trainer_keys(cfg, out, "sft", cfg.sft.resume_from)
 
 
 def check_cpu(cfg) -> None:
@@ -205,17 +84,12 @@ def check_cpu(cfg) -> None:
     if cfg.sft.verl.engine.strategy != "fsdp2":
         raise SystemExit(f"[sft] launch.device=cpu runs only with FSDP2 (got model.strategy="
                          f"{cfg.sft.verl.engine.strategy}); pass --strategy fsdp2")
-    attn = OmegaConf.select(cfg.sft.verl, "model.override_config.attn_implementation") or kernels(cfg)["attn"]
+    attn = OmegaConf.select(cfg.sft.verl, "model.override_config.attn_implementation") or launch.kernels(cfg)["attn"]
     if attn not in ("sdpa", "eager"):
         raise SystemExit(f"[sft] launch.device=cpu needs attention sdpa or eager (got {attn}); pass --attn sdpa")
 
 
-# ---- checkpoints and metrics
-def latest_step(out: Path) -> int:
-    marker = out / "latest_checkpointed_iteration.txt"
-    return int(marker.read_text().strip()) if marker.exists() else 0
-
-
+# ---- checkpoints
 def resume_dir(cfg, out: Path) -> Path | None:
     """The checkpoint verl will resume from: --resume_from, else the latest one in `out`."""
     if cfg.sft.resume_from:
@@ -224,7 +98,7 @@ def resume_dir(cfg, out: Path) -> Path | None:
             raise SystemExit(f"[sft] --resume_from {folder}: expected an existing verl checkpoint folder "
                              "named global_step_N (for example outputs/<run>/sft/global_step_200)")
         return folder
-    step = latest_step(out)
+    step = launch.latest_step(out)
     return out / f"global_step_{step}" if step else None
 
 
@@ -268,33 +142,18 @@ def prune(out: Path, keep, exported: Path | None = None) -> list[str]:
     return [p.name for p in gone]
 
 
-def read_metrics(out: Path) -> dict[int, dict]:
-    """Step → metrics over all attempts; a later attempt's record of a step replaces an earlier one."""
-    steps: dict[int, dict] = {}
-    for path in metric_files(out):
-        for line in path.read_text().splitlines():
-            if line.strip():
-                record = json.loads(line)
-                steps[int(record["step"])] = record["data"]
-    return steps
-
-
-def metric_files(out: Path) -> list[Path]:
-    return sorted((out / "logs").glob("metrics.*.jsonl"), key=lambda p: int(p.suffixes[0][1:]))
-
-
 # ---- the stage
-def run(cfg, args) -> int:
+def run(cfg) -> int:
     out = stage_dir(cfg, "sft")
-    if getattr(args, "init", None):  # warm start from an earlier stage's export, a checkpoint or an HF folder
+    if cfg.model.init:  # warm start from an earlier stage's export, a checkpoint or an HF folder
         from stages.export import resolve_init
 
-        cfg.model.path = resolve_init(args.init)
+        cfg.model.path = resolve_init(cfg.model.init)
     check_cpu(cfg)
-    train, val = data_files(cfg, prepare=not args.dry_run)
-    cmd = command(cfg, verl_overrides(cfg, out, train, val))
-    if args.dry_run:
-        env = " ".join(f"{k}={shlex.quote(v)}" for k, v in CPU_ENV.items()) + " " if cfg.launch.device == "cpu" else ""
+    train, val = sft_files(cfg, prepare=not cfg.run.dry_run)
+    cmd = launch.torchrun_command(cfg, "verl.trainer.sft_trainer", trainer_keys(cfg, out, train, val))
+    if cfg.run.dry_run:
+        env = " ".join(f"{k}={shlex.quote(v)}" for k, v in launch.CPU_ENV.items()) + " " if cfg.launch.device == "cpu" else ""
         print(env + shlex.join(cmd))
         print(OmegaConf.to_yaml(cfg, resolve=True))
         return 0
@@ -310,7 +169,7 @@ def run(cfg, args) -> int:
             print(f"[sft] resuming at the end of epoch {done // per_epoch} (step {done}): epoch "
                   f"{done // per_epoch + 1} starts with a fresh data loader")
         print("[sft] " + shlex.join(cmd), flush=True)
-        rc = subprocess.call(cmd, env=environment(cfg, out), cwd=REPO)
+        rc = subprocess.call(cmd, env=launch.environment(cfg, out), cwd=REPO)
         if rc:
             print(f"[sft] verl's trainer exited with {rc}; rerun the same command to resume from "
                   f"the last checkpoint in {out}", file=sys.stderr)
@@ -318,22 +177,23 @@ def run(cfg, args) -> int:
         if int(cfg.launch.node_rank) != 0:  # verl's rank 0 (on node 0) writes the full checkpoint
             print(f"[sft] node {cfg.launch.node_rank} done; node 0 exports and writes the manifest")
             return 0
-        if latest_step(out) < total:  # verl exits 0 when it runs out of data early: never pass that off
-            print(f"[sft] verl stopped at step {latest_step(out)} of {total} without an error; see its log "
+        if launch.latest_step(out) < total:  # verl exits 0 when it runs out of data early: never pass that off
+            print(f"[sft] verl stopped at step {launch.latest_step(out)} of {total} without an error; see its log "
                   f"above. Rerun to resume from {out}", file=sys.stderr)
             return 1
-        start = out / f"global_step_{latest_step(out)}"
-    return finish(cfg, out, start, train, val)
+        start = out / f"global_step_{launch.latest_step(out)}"
+    return export_and_record(cfg, out, start, train, val)
 
 
-def finish(cfg, out: Path, step_dir: Path, train: str, val: str | None) -> int:
+def export_and_record(cfg, out: Path, step_dir: Path, train: str, val: str | None) -> int:
+    """Export the checkpoint to out/hf, prune old checkpoints, write the `done` manifest."""
     from stages.export import export
 
     if int(cfg.launch.node_rank) != 0:
         return 0
     exported = export(step_dir, out, base_model=str(cfg.model.path))
     pruned = prune(out, OmegaConf.select(cfg.sft.verl, "trainer.max_ckpt_to_keep"), step_dir)
-    metrics = read_metrics(out)
+    metrics = launch.read_metrics(out)
     # verl logs a NaN/inf gradient norm as JSON null (and skips that optimizer step)
     norms = {s: m["train/grad_norm"] for s, m in metrics.items() if "train/grad_norm" in m}
     nonfinite = [s for s, norm in norms.items() if norm is None or not math.isfinite(norm)]
@@ -342,7 +202,7 @@ def finish(cfg, out: Path, step_dir: Path, train: str, val: str | None) -> int:
     write_manifest(out, stage="sft", status="done", base_model=str(cfg.model.path), lora=exported["lora"],
                    global_step=step, checkpoint=str(step_dir.resolve()), hf_model=exported["hf"],
                    adapter=exported.get("adapter"), train_file=train, val_file=val,
-                   metrics_files=[str(p.resolve()) for p in metric_files(out)],
+                   metrics_files=[str(p.resolve()) for p in launch.metric_files(out)],
                    tensorboard_dir=str((out / "tensorboard").resolve()), steps_logged=len(metrics),
                    loss_first=losses[0] if losses else None, loss_last=losses[-1] if losses else None,
                    skipped_nonfinite_steps=len(nonfinite), config=OmegaConf.to_container(cfg, resolve=True))

@@ -3,6 +3,7 @@
     ./train.sh --stage sweep --train_size 128,256,512,1024,full
     ./train.sh --stage sweep --lr 5e-6,1e-5,2e-5 --train_size 512
 
+`--train_size` and `--lr` take comma lists here (config.yaml's `sweep.train_sizes` / `sweep.lrs`).
 Each point is a full SFT run plus a greedy eval in `outputs/<run>/sweep/<tag>/{data,sft,eval}`;
 a finished point (its eval/metrics.json exists) is not run again, so a killed sweep resumes.
 Results: `outputs/<run>/sweep/results.md` + `results.csv` and `sweep.png` (accuracy against size,
@@ -14,38 +15,24 @@ import copy
 import json
 from pathlib import Path
 
-from stages.common import stage_dir
+from stages import chain
+from stages.config import stage_dir
 
 COLUMNS = ["train_size", "epochs", "lr", "accuracy", "lenient_accuracy", "format_accuracy",
            "trunc_rate", "avg_gen_len"]
 
 
-def points(train_sizes: str | None, lrs: str | None, cfg) -> list[tuple]:
-    sizes = [s.strip() for s in (train_sizes or str(cfg.data.train_size or "full")).split(",")]
-    rates = [r.strip() for r in (lrs or str(cfg.sft.lr)).split(",")]
+def points(train_sizes, lrs, cfg) -> list[tuple]:
+    """(train_size or None for all, lr) for every pair of the comma lists (default: data.train_size, sft.lr)."""
+    sizes = [s.strip() for s in str(train_sizes or cfg.data.train_size or "full").split(",")]
+    rates = [r.strip() for r in str(lrs or cfg.sft.lr).split(",")]
     return [(None if s in ("full", "None", "null") else int(s), float(r)) for s in sizes for r in rates]
 
 
-def train_and_evaluate(cfg, args) -> dict | int:
-    """SFT per cfg, then greedy eval of its export: the eval metrics, or the failing exit code."""
-    from stages import evaluate, sft
-
-    args = copy.copy(args)
-    args.init = None
-    rc = sft.run(cfg, args)
-    if rc:
-        return rc
-    args.init = str(stage_dir(cfg, "sft"))
-    rc = evaluate.run(cfg, args)
-    if rc:
-        return rc
-    return json.loads((stage_dir(cfg, "eval") / "metrics.json").read_text())
-
-
-def run(cfg, args) -> int:
+def run(cfg) -> int:
     root = stage_dir(cfg, "sweep")
     rows = []
-    for size, lr in points(args.train_size, args.lr, cfg):
+    for size, lr in points(cfg.sweep.train_sizes, cfg.sweep.lrs, cfg):
         tag = f"size-{size or 'full'}_lr-{lr:g}"
         point = copy.deepcopy(cfg)
         point.run.output_dir, point.run.name = str(root), tag
@@ -55,7 +42,7 @@ def run(cfg, args) -> int:
             metrics = json.loads(metrics_file.read_text())
         else:
             print(f"[sweep] {tag}: SFT then eval")
-            metrics = train_and_evaluate(point, args)
+            metrics = chain.train_then_evaluate(point)
             if isinstance(metrics, int):
                 return metrics
         rows.append({"train_size": size or "full", "epochs": point.sft.epochs, "lr": lr,

@@ -14,7 +14,7 @@ GSM8K_DIR = REPO.parent / "shared" / "data" / "gsm8k"
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     """A tiny random Qwen2 model folder with a tokenizer trained in the test session."""
-    from tests.tiny import build_model
+    from stages.tiny_model import build_model
 
     return build_model(tmp_path_factory.mktemp("tiny") / "model")
 

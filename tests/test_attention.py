@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import stages.attention as attention
+import plugins.attention as attention
 
 LENGTHS = [5, 9, 1, 3, 7]  # a one-token sample included: its own causal window is itself only
 

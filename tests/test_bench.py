@@ -4,8 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from stages import sft
-from stages.common import REPO, load_config
+from stages import launch as stage_launch, sft
+from stages.config import REPO, load_config
 from tests.test_sft import verl_schema_compose
 
 sys.path.insert(0, str(REPO / "bench"))
@@ -18,7 +18,7 @@ def test_every_variant_flag_reaches_verl(tmp_path):
     variant = bench.variant_parser().parse_args(flags)
     variant.name = bench.label(variant)
     cfg = load_config("sft", bench.verl_overrides(variant, Path("/m"), Path("/d.parquet"), tmp_path, "cuda"))
-    keys = sft.verl_overrides(cfg, tmp_path, "/d.parquet", None)
+    keys = sft.trainer_keys(cfg, tmp_path, "/d.parquet", None)
     c = verl_schema_compose(keys)
     assert c.optim.override_optimizer_config.fused is True and c.engine.reshard_after_forward is False
     assert (c.data.num_workers, c.data.max_token_len_per_gpu, c.data.train_batch_size) == (3, 8192, 32)
@@ -26,7 +26,7 @@ def test_every_variant_flag_reaches_verl(tmp_path):
     assert (c.model.lora_rank, c.model.use_remove_padding, c.engine.use_torch_compile) == (8, False, False)
     assert c.model.enable_gradient_checkpointing is False
     assert c.model.override_config.attn_implementation == "ladder_varlen"
-    assert list(c.model.external_lib) == ["stages.attention", "stages.compile"]
+    assert list(c.model.external_lib) == ["plugins.attention", "plugins.compile"]
 
 
 def test_new_levers_reach_verl(tmp_path):
@@ -35,9 +35,9 @@ def test_new_levers_reach_verl(tmp_path):
     variant = bench.variant_parser().parse_args(flags)
     variant.name = bench.label(variant)
     cfg = load_config("sft", bench.verl_overrides(variant, Path("/m"), Path("/d.parquet"), tmp_path, "cuda"))
-    c = verl_schema_compose(sft.verl_overrides(cfg, tmp_path, "/d.parquet", None))
-    assert "stages.compile" in list(c.model.external_lib) and c.engine.use_torch_compile is False
-    assert sft.environment(cfg, tmp_path)["LADDER_COMPILE"] == "inductor"
+    c = verl_schema_compose(sft.trainer_keys(cfg, tmp_path, "/d.parquet", None))
+    assert "plugins.compile" in list(c.model.external_lib) and c.engine.use_torch_compile is False
+    assert stage_launch.environment(cfg, tmp_path)["LADDER_COMPILE"] == "inductor"
     assert c.engine.use_no_sync_for_gradient_accumulation is True
     assert (c.engine.pad_to_length, c.engine.pad_to_length_bucket) == (True, 2048)
     # two traced steps after the 5 timed ones, and one more so the run does not end (and save) mid-trace

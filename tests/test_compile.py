@@ -8,10 +8,10 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-import stages.attention as attention
-import stages.compile as compile_layers
-from stages import sft
-from stages.common import REPO, load_config
+import plugins.attention as attention
+import plugins.compile as compile_layers
+from stages import launch, sft
+from stages.config import REPO, load_config
 from tests.test_attention import packed, samples
 from tests.test_sft import TRAIN, composed, sft_parquet, verl_schema_compose
 
@@ -86,17 +86,17 @@ def test_disable_restores_eager_layers():
 def test_compile_key_reaches_every_rank(tmp_path, value, backend):
     cfg = load_config("sft", ["launch.device=cuda", "model.attn_implementation=ladder_varlen", "model.fused_ce=off",
                               f"model.compile={value}"])
-    keys = sft.verl_overrides(cfg, tmp_path, "/d.parquet", None)
+    keys = sft.trainer_keys(cfg, tmp_path, "/d.parquet", None)
     libs = verl_schema_compose(keys).model.external_lib
-    assert list(libs) == ["stages.attention", "stages.compile"] if backend else libs == "stages.attention"
-    assert sft.environment(cfg, tmp_path).get("LADDER_COMPILE", "") == backend
+    assert list(libs) == ["plugins.attention", "plugins.compile"] if backend else libs == "plugins.attention"
+    assert launch.environment(cfg, tmp_path).get("LADDER_COMPILE", "") == backend
 
 
 def test_compile_switch_and_unknown_backend():
-    assert any(k.endswith("external_lib=stages.compile")
+    assert any(k.endswith("external_lib=plugins.compile")
                for k in composed(["--compile", "--attn", "sdpa", "model.fused_ce=off"]))
     with pytest.raises(SystemExit, match="model.compile=cudagraphs"):
-        sft.kernels(load_config("sft", ["model.compile=cudagraphs"]))
+        launch.kernels(load_config("sft", ["model.compile=cudagraphs"]))
 
 
 # ---- verl's trainer on CPU, eager and compiled, same rows: the same losses
@@ -110,7 +110,7 @@ def test_sft_stage_trains_the_same_with_compiled_layers(tiny_model, gsm8k_dir, t
         proc = subprocess.run([sys.executable, "-m", "stages", "--stage", "sft", *argv], cwd=REPO,
                               capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-        losses[name] = [m["train/loss"] for _, m in sorted(sft.read_metrics(tmp_path / name / "sft").items())]
+        losses[name] = [m["train/loss"] for _, m in sorted(launch.read_metrics(tmp_path / name / "sft").items())]
         if name == "compiled":  # once per rank, from inside verl's trainer
             assert "Qwen2DecoderLayer.forward: torch.compile backend=inductor" in proc.stdout + proc.stderr
             assert json.loads((tmp_path / name / "sft" / "manifest.json").read_text())["status"] == "done"

@@ -442,7 +442,7 @@ def test_verl_sft_dataset_loss_mask(gsm8k_dir, tiny_model, tmp_path, answer_only
     from verl.utils.dataset.multiturn_sft_dataset import MultiTurnSFTDataset
 
     from data_prep.stats import lengths
-    from tests.tiny import CHATML
+    from stages.tiny_model import CHATML
 
     files = prepare(cfg(gsm8k_dir, train_size=4, answer_only=answer_only), tmp_path)
     tok = AutoTokenizer.from_pretrained(tiny_model)

@@ -10,7 +10,7 @@ import pytest
 
 import stages.ei as ei
 from stages.__main__ import main
-from stages.evaluate import Generation
+from stages.generate import Generation
 
 ARGS = ["--stage", "ei", "--device", "cpu", "--train_size", "4", "--samples", "3", "--rounds", "1",
         "--batch_size", "4", "--micro_batch_size", "2", "--max_length", "1024", "--lr", "1e-3",
@@ -20,7 +20,7 @@ ARGS = ["--stage", "ei", "--device", "cpu", "--train_size", "4", "--samples", "3
 
 
 def planted(calls, right=True):
-    def fake_generate(cfg, policy, prompts, stops):
+    def fake_sample(cfg, policy, tok, prompts, stops):
         calls.append(len(prompts))
         out = []
         for i in range(len(prompts)):
@@ -28,7 +28,7 @@ def planted(calls, right=True):
             good = Generation(f"Adding up.\n#### {gold}" if right else "#### -1", "stop", 9)
             out += [good, good, Generation("#### -1", "stop", 3)]
         return out
-    return fake_generate
+    return fake_sample
 
 
 ei_golds = []
@@ -47,7 +47,7 @@ def golds(gsm8k_dir, tmp_path):
 @pytest.mark.slow
 def test_one_round_then_resume_without_regenerating(tiny_model, tmp_path, monkeypatch, golds):
     calls = []
-    monkeypatch.setattr(ei, "generate", planted(calls))
+    monkeypatch.setattr(ei, "sample", planted(calls))
     argv = ARGS + ["--init", str(tiny_model), f"run.output_dir={tmp_path}"]
     assert main(argv) == 0
     round_dir = tmp_path / "r" / "ei" / "round_1"
@@ -63,7 +63,7 @@ def test_one_round_then_resume_without_regenerating(tiny_model, tmp_path, monkey
 
 
 def test_round_keeping_nothing_stops_with_advice(tiny_model, tmp_path, monkeypatch, golds, capsys):
-    monkeypatch.setattr(ei, "generate", planted([], right=False))
+    monkeypatch.setattr(ei, "sample", planted([], right=False))
     assert main(ARGS + ["--init", str(tiny_model), f"run.output_dir={tmp_path}"]) == 1
     assert "kept no sample" in capsys.readouterr().out
     assert not (tmp_path / "r" / "ei" / "round_1" / "sft").exists()

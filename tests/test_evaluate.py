@@ -12,9 +12,10 @@ import pytest
 import torch
 
 from data_prep.templates import get as template
-from stages import evaluate, report
+from stages import evaluate, generate, report
 from stages.__main__ import main as stages_main
-from stages.evaluate import METRICS, Generation, score
+from stages.evaluate import METRICS, score
+from stages.generate import Generation
 
 EVAL = ["--stage", "eval", "--backend", "hf", "--device", "cpu", "--max_new_tokens", "16"]  # CPU even on a GPU host
 
@@ -68,7 +69,7 @@ def test_hf_end_to_end_writes_files_in_dataset_order(hf_run):
 
 
 def test_stage_folder_init_writes_into_the_run_and_reuses_its_test_prompts(tiny_model, tmp_path):
-    from stages.common import write_manifest
+    from stages.config import write_manifest
 
     run = tmp_path / "run"
     write_manifest(run / "sft", stage="sft", status="done", hf_model=str(tiny_model))
@@ -152,11 +153,11 @@ def test_finish_cuts_at_stop_string_or_eos_and_counts_tokens(tiny_model):
     tok = AutoTokenizer.from_pretrained(tiny_model)
     eos = {tok.eos_token_id}
     head = tok.encode("<think> 2 </think> <answer>4</answer>")
-    g = evaluate.finish(tok, head + tok.encode(" 5 6 7"), eos, ("</answer>",))
+    g = generate.cut(tok, head + tok.encode(" 5 6 7"), eos, ("</answer>",))
     assert (g.text, g.finish_reason, g.tokens) == ("<think> 2 </think> <answer>4</answer>", "stop", len(head))
-    g = evaluate.finish(tok, tok.encode("#### 4") + [tok.eos_token_id, tok.pad_token_id], eos, ())
+    g = generate.cut(tok, tok.encode("#### 4") + [tok.eos_token_id, tok.pad_token_id], eos, ())
     assert (g.text, g.finish_reason, g.tokens) == ("#### 4", "stop", len(tok.encode("#### 4")) + 1)
-    g = evaluate.finish(tok, tok.encode("1 2 3"), eos, ("</answer>",))
+    g = generate.cut(tok, tok.encode("1 2 3"), eos, ("</answer>",))
     assert (g.finish_reason, g.tokens) == ("length", len(tok.encode("1 2 3")))
 
 
@@ -194,7 +195,7 @@ def test_metrics_gsm8k_unclosed_means_truncated_without_hashes():
     ("tokenizer.json", "no tokenizer"), ("model.safetensors", "no weights"), ("config.json", "no config.json"),
     ("chat_template.jinja", "no chat template")])
 def test_fail_fast_on_a_broken_model_folder(tiny_model, tmp_path, monkeypatch, remove, message):
-    monkeypatch.setattr(evaluate, "hf_generate", lambda *a, **k: pytest.fail("generated"))
+    monkeypatch.setattr(generate, "hf_generate", lambda *a, **k: pytest.fail("generated"))
     broken = tmp_path / "model"
     shutil.copytree(tiny_model, broken)
     (broken / remove).unlink()
@@ -279,7 +280,7 @@ def test_vllm_r1_stops_at_answer_and_auto_picks_vllm_on_gpu(tiny_model, tmp_path
 
 # ---- checkpoint curves and the report
 def test_all_checkpoints_curve_best_plots_and_report(tiny_model, tmp_path):
-    from tests.tiny import build_model
+    from stages.tiny_model import build_model
 
     sft = tmp_path / "run" / "sft"
     shutil.copytree(tiny_model, sft / "global_step_2" / "huggingface")

@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import stages.fused_ce as fused_ce
-from stages.common import REPO, load_config
+import plugins.fused_ce as fused_ce
+from stages.config import REPO, load_config
 
 T, H, V = 37, 16, 101
 
@@ -59,7 +59,7 @@ def test_verls_torch_backend_calls_it():
 
 
 KERNELS = """
-import torch, stages.fused_ce as f
+import torch, plugins.fused_ce as f
 assert f._INTERPRET and f.triton is not None
 g = torch.Generator().manual_seed(0)
 logits = (torch.randn(6, 2500, generator=g) * 4).to(torch.bfloat16)  # three blocks of 1024, the last partial
@@ -104,13 +104,13 @@ def test_cuda_kernels_match_full_logits_bf16():
 def test_sft_stage_trains_the_same_with_ladders_fused_loss(tiny_model, gsm8k_dir, tmp_path):
     import json
 
-    from stages import sft
+    from stages import launch, sft
     from tests.test_sft import TRAIN, sft_parquet, verl_schema_compose
 
     cfg = load_config("sft", ["launch.device=cuda", "model.attn_implementation=ladder_varlen", "model.fused_ce=ladder"])
-    c = verl_schema_compose(sft.verl_overrides(cfg, tmp_path, "/d.parquet", None))
+    c = verl_schema_compose(sft.trainer_keys(cfg, tmp_path, "/d.parquet", None))
     assert (c.model.use_fused_kernels, c.model.fused_kernel_options.impl_backend) == (True, "torch")
-    assert list(c.model.external_lib) == ["stages.attention", "stages.fused_ce"]
+    assert list(c.model.external_lib) == ["plugins.attention", "plugins.fused_ce"]
 
     data = sft_parquet(tiny_model, gsm8k_dir, tmp_path / "d.parquet", rows=16)
     losses = {}
@@ -121,7 +121,7 @@ def test_sft_stage_trains_the_same_with_ladders_fused_loss(tiny_model, gsm8k_dir
         proc = subprocess.run([sys.executable, "-m", "stages", "--stage", "sft", *argv], cwd=REPO,
                               capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-        losses[name] = [m["train/loss"] for _, m in sorted(sft.read_metrics(tmp_path / name / "sft").items())]
+        losses[name] = [m["train/loss"] for _, m in sorted(launch.read_metrics(tmp_path / name / "sft").items())]
         assert json.loads((tmp_path / name / "sft" / "manifest.json").read_text())["status"] == "done"
     assert len(losses["torch"]) == 2, losses
     assert losses["ladder"] == pytest.approx(losses["torch"], abs=1e-3)

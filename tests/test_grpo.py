@@ -19,8 +19,9 @@ import pytest
 import torch
 
 import stages.grpo as grpo
+from stages import launch
 from stages.__main__ import main as stages_main
-from stages.common import REPO
+from stages.config import REPO
 
 
 # ---- the hf rollout server, in this process
@@ -28,7 +29,7 @@ from stages.common import REPO
 def server(tiny_model):
     from verl.workers.config import HFModelConfig, RolloutConfig
 
-    from stages.hf_rollout import HFServer
+    from plugins.hf_rollout import HFServer
     from verl.workers.rollout.replica import RolloutMode
 
     config = RolloutConfig(name="hf", dtype="float32", prompt_length=64, response_length=8, max_num_seqs=16,
@@ -84,7 +85,7 @@ def test_hf_server_decodes_requests_sent_in_bursts_as_one_batch(server):
 
 
 def test_pick_top_k_one_is_greedy_and_top_p_keeps_the_head():
-    from stages.hf_rollout import pick
+    from plugins.hf_rollout import pick
 
     logits = torch.tensor([[0.0, 3.0, 1.0, 2.0]] * 64)
     assert pick(logits, 1.0, 1, 1.0)[0].tolist() == [1] * 64
@@ -130,7 +131,7 @@ def test_two_grpo_steps_on_cpu_change_the_actor_and_log_metrics(tiny_model, gsm8
     assert manifest["reference_policy"].startswith(str(tiny_model))
 
     # the step metrics and validations came back through verl's JSONL logger (and TensorBoard)
-    metrics = grpo.read_metrics(out)
+    metrics = launch.read_metrics(out)
     assert sorted(metrics) == [0, 1, 2]
     for step in (1, 2):
         m = metrics[step]
@@ -230,7 +231,7 @@ def test_two_node_grpo_on_one_host_trains_on_both_ray_nodes(tiny_model, gsm8k_di
     out = tmp_path / "r" / "grpo"
     manifest = json.loads((out / "manifest.json").read_text())
     assert (manifest["status"], manifest["global_step"]) == ("done", 2)
-    assert sorted(grpo.read_metrics(out)) == [0, 1, 2]  # wherever verl's TaskRunner ran, its metrics came here
+    assert sorted(launch.read_metrics(out)) == [0, 1, 2]  # wherever verl's TaskRunner ran, its metrics came here
     from safetensors.torch import load_file
 
     before = load_file(str(tiny_model / "model.safetensors"))
@@ -264,7 +265,7 @@ def test_lora_grpo_on_cpu_syncs_merged_weights_and_exports_the_adapter(tiny_mode
     assert manifest["lora"] and manifest["lora_to_rollout"] == "merged into the weights"
     assert "adapter disabled" in manifest["reference_policy"]
     assert Path(manifest["adapter"], "adapter_config.json").exists()  # export refuses an all-zero adapter
-    assert grpo.read_metrics(out)[2]["training/rollout_probs_diff_max"] < 1e-3
+    assert launch.read_metrics(out)[2]["training/rollout_probs_diff_max"] < 1e-3
 
 
 # ---- the composed command against verl's schema
@@ -314,11 +315,11 @@ def test_default_vllm_command_fits_verls_schema(tiny_model, rl_files, capsys, mo
     assert (ar.rollout.val_kwargs.temperature, ar.rollout.val_kwargs.do_sample) == (0, False)
     assert ar.model.path == str(tiny_model) and ar.model.lora_rank == 0
     # a CUDA launch without flash-attn trains on packed rows through ladder's varlen attention
-    assert (ar.model.override_config.attn_implementation, ar.model.external_lib) == ("ladder_varlen", "stages.attention")
+    assert (ar.model.override_config.attn_implementation, ar.model.external_lib) == ("ladder_varlen", "plugins.attention")
     assert cfg.reward.custom_reward_function.path == str(REPO / "rewards" / "__init__.py")
     assert cfg.reward.custom_reward_function.name == "compute_score"
     assert "wandb" not in cfg.trainer.logger and {"console", "tensorboard"} <= set(cfg.trainer.logger)
-    assert cfg.ray_kwargs.ray_init.runtime_env.env_vars.VERL_USE_EXTERNAL_MODULES == "stages.hf_rollout"
+    assert cfg.ray_kwargs.ray_init.runtime_env.env_vars.VERL_USE_EXTERNAL_MODULES == "plugins.hf_rollout"
     from verl.trainer.ppo.utils import need_critic, need_reference_policy
     from verl.utils.config import validate_config
 
@@ -373,9 +374,9 @@ def test_multinode_dry_run_from_env(tiny_model, rl_files):
 
 
 def test_compile_is_sft_only_and_grpo_says_so(tiny_model, rl_files, capsys, monkeypatch, tmp_path):
-    from stages.common import load_config
+    from stages.config import load_config
 
     (cmd,) = dry_run(["--init", str(tiny_model), *rl_files, "run.name=x", "model.compile=true"], capsys, monkeypatch)
-    assert verl_schema_compose(main_ppo_args(cmd)).actor_rollout_ref.model.external_lib == "stages.attention"
+    assert verl_schema_compose(main_ppo_args(cmd)).actor_rollout_ref.model.external_lib == "plugins.attention"
     env = grpo.grpo_environment(load_config("grpo", ["model.compile=true"]), tmp_path)
     assert "LADDER_COMPILE" not in env and "SFT stage only" in capsys.readouterr().err

@@ -15,13 +15,13 @@ import pandas as pd
 import pytest
 import torch
 
-from stages import sft
+from stages import launch, sft
 from stages.__main__ import main as stages_main
-from stages.common import REPO, load_config
+from stages.config import REPO, load_config
 
 MAX_LENGTH = 256
 # a CUDA launch's external libs: ladder's attention, and its fused loss where triton imports (the test extra has it)
-CUDA_LIBS = ["stages.attention"] + (["stages.fused_ce"] if importlib.util.find_spec("triton") else [])
+CUDA_LIBS = ["plugins.attention"] + (["plugins.fused_ce"] if importlib.util.find_spec("triton") else [])
 TRAIN = ["--device", "cpu", "--batch_size", "8", "--micro_batch_size", "4", "--max_length", str(MAX_LENGTH),
          "--lr", "1e-3", "sft.verl.data.max_token_len_per_gpu=2048", "sft.verl.data.num_workers=0",
          "model.gradient_checkpointing=false"]
@@ -46,7 +46,7 @@ def sft_parquet(model_dir: Path, gsm8k_dir: Path, out: Path, rows: int) -> Path:
 
 
 def steps_logged(sft_dir: Path) -> list[int]:
-    return sorted(sft.read_metrics(sft_dir))
+    return sorted(launch.read_metrics(sft_dir))
 
 
 def checkpoints(sft_dir: Path) -> list[int]:
@@ -92,34 +92,34 @@ def test_two_ranks_killed_resumed_then_extended_at_epoch_boundary(tiny_model, gs
     proc = subprocess.Popen([sys.executable, "-m", "stages", *argv, "--epochs", "1"], cwd=REPO,
                             start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None and sft.latest_step(out) < 2:
+    while time.time() < deadline and proc.poll() is None and launch.latest_step(out) < 2:
         time.sleep(0.05)
     assert proc.poll() is None, f"the run ended (rc {proc.returncode}) before it could be killed"
     kill_run(proc)
-    saved, logged = sft.latest_step(out), steps_logged(out)
+    saved, logged = launch.latest_step(out), steps_logged(out)
     assert 2 <= saved < 6 and max(logged) < 6, (saved, logged)
 
     # ---- 2. the same command resumes: the step count continues, at most one step is trained twice
     assert stages_main([*argv, "--epochs", "1"]) == 0
-    first, second = [[json.loads(x)["step"] for x in p.read_text().splitlines()] for p in sft.metric_files(out)]
+    first, second = [[json.loads(x)["step"] for x in p.read_text().splitlines()] for p in launch.metric_files(out)]
     assert second == list(range(saved + 1, 7)), second
     assert max(first) - saved <= 1, (first, saved)
     assert steps_logged(out) == [1, 2, 3, 4, 5, 6]
-    loss = {step: m["train/loss"] for step, m in sft.read_metrics(out).items()}
+    loss = {step: m["train/loss"] for step, m in launch.read_metrics(out).items()}
     assert loss[saved + 1] < loss[1]  # resumed from the trained weights, not from the random start
     assert checkpoints(out) == [5, 6]  # keep-last-2 across attempts: the killed attempt's 1 and 2 are gone too
 
     # ---- 3. one more epoch from the epoch-end checkpoint: verl 0.9.1 alone would train 0 steps here
     assert stages_main([*argv, "--epochs", "2"]) == 0
     assert steps_logged(out) == list(range(1, 13)) and checkpoints(out) == [11, 12]
-    assert (out / "global_step_6").exists() is False and len(sft.metric_files(out)) == 3
+    assert (out / "global_step_6").exists() is False and len(launch.metric_files(out)) == 3
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["global_step"] == 12 and manifest["status"] == "done" and not manifest["lora"]
     assert manifest["loss_last"] < manifest["loss_first"] and len(manifest["metrics_files"]) == 3
 
     # ---- 4. a finished run is not launched again, only exported
     assert stages_main([*argv, "--epochs", "2"]) == 0
-    assert len(sft.metric_files(out)) == 3 and steps_logged(out) == list(range(1, 13))
+    assert len(launch.metric_files(out)) == 3 and steps_logged(out) == list(range(1, 13))
 
     # ---- the export is a plain HF folder that moved away from the random start and generates
     from safetensors.torch import load_file
@@ -194,7 +194,7 @@ def test_dry_run_flags(capsys, train_file, flags, keys):
     for key in keys:
         assert f" {key}" in line, key
     if "--device" in flags:
-        assert line.startswith("VERL_PLATFORM=cpu VERL_USE_EXTERNAL_MODULES=tests.cpu_platform ")
+        assert line.startswith("VERL_PLATFORM=cpu VERL_USE_EXTERNAL_MODULES=plugins.cpu_platform ")
 
 
 def test_dry_run_multinode_from_env(train_file):
@@ -224,7 +224,7 @@ def test_data_prep_is_called_with_the_data_section(monkeypatch, tmp_path):
     monkeypatch.setattr(data_prep, "prepare", lambda cfg, out: calls.append((cfg, out)) or
                         {"sft_train": str(out / "sft_train.parquet")})
     cfg = load_config("sft", [f"run.output_dir={tmp_path}", "run.name=x"])
-    train, val = sft.data_files(cfg)
+    train, val = sft.sft_files(cfg)
     assert calls == [(cfg.data, tmp_path.resolve() / "x" / "data")] and train.endswith("x/data/sft_train.parquet")
     assert val is None
 
@@ -270,7 +270,7 @@ def composed(argv):
     _, overrides = parse(argv)
     cfg = load_config("sft", overrides)
     cfg.run.name = "x"
-    return sft.verl_overrides(cfg, Path("/tmp/x/sft"), "/tmp/train.parquet", None)
+    return sft.trainer_keys(cfg, Path("/tmp/x/sft"), "/tmp/train.parquet", None)
 
 
 @pytest.mark.parametrize("argv", [[], ["--use_lora"], ["--strategy", "fsdp", "--param_offload", "--optimizer_offload"],
@@ -303,13 +303,13 @@ def test_auto_kernels_follow_what_the_machine_has(monkeypatch, device, installed
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: (
         object() if name in installed else None if name in ("flash_attn", "liger_kernel", "triton") else real(name)))
     cfg = load_config("sft", [f"launch.device={device}", *overrides])
-    k = sft.kernels(cfg)
+    k = launch.kernels(cfg)
     assert (k["attn"], k["liger"], k["fused_ce"]) == expect
 
 
 def test_unknown_fused_loss_backend_is_refused():
     with pytest.raises(SystemExit, match="model.fused_ce=fast"):
-        sft.kernels(load_config("sft", ["model.fused_ce=fast"]))
+        launch.kernels(load_config("sft", ["model.fused_ce=fast"]))
 
 
 def test_a_kernel_key_set_in_the_verl_block_wins():
@@ -377,6 +377,6 @@ def test_finished_run_is_exported_not_relaunched(tiny_model, tmp_path, monkeypat
     monkeypatch.setattr(subprocess, "call", lambda *a, **k: pytest.fail("relaunched a finished run"))
     cfg = load_config("sft", [f"run.output_dir={tmp_path}", "run.name=x", f"data.train_file={data}",
                               "sft.batch_size=8", "sft.epochs=1"])
-    assert sft.run(cfg, SimpleNamespace(dry_run=False, init=None)) == 0
+    assert sft.run(cfg) == 0
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["global_step"] == 4 and Path(manifest["hf_model"], "model.safetensors").exists()

@@ -7,7 +7,7 @@ liger's kernels instead, so config.yaml leaves it off.
 
 verl 0.9.1's FSDP engine never compiles the model (its `engine.use_torch_compile` compiles only the
 entropy helper, which SFT does not call), so ladder loads this module into every rank through verl's
-`model.external_lib`, with the backend in LADDER_COMPILE (stages/sft.py sets both).
+`model.external_lib`, with the backend in LADDER_COMPILE (stages/launch.py sets both).
 
 What it compiles: the `forward` of each decoder-layer class (transformers' GradientCheckpointingLayer
 subclasses: Qwen2DecoderLayer, LlamaDecoderLayer, ...), once per class, the first time a layer runs,
@@ -16,7 +16,7 @@ with dynamic shapes (dynamic batching packs a different token count into every m
     the compiled forward as they wrap the eager one; the recompute replays the compiled graph.
   - Dynamo inlines the layer's own modules, so the 28 layers of a 1.5B model share one compiled graph
     per shape family rather than hitting the recompile limit.
-  - ladder_varlen's attention is kept out of the graph (stages/attention.py marks it with
+  - ladder_varlen's attention is kept out of the graph (plugins/attention.py marks it with
     torch.compiler.disable: it reads sample boundaries back to the host); the norms, rotary embedding,
     projections and MLP around it are what inductor fuses.
 """

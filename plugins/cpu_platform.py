@@ -1,9 +1,9 @@
-"""Test-only: a `cpu` platform for verl 0.9.1, which ships only cuda/npu/rocm ones.
+"""A `cpu` platform for verl 0.9.1, which ships only cuda/npu/rocm ones: the CPU demo and the tests.
 
 verl imports every module named in `VERL_USE_EXTERNAL_MODULES` at the end of `import verl`
-(verl/__init__.py), so with `VERL_USE_EXTERNAL_MODULES=tests.cpu_platform`, `VERL_PLATFORM=cpu` and
+(verl/__init__.py), so with `VERL_USE_EXTERNAL_MODULES=plugins.cpu_platform`, `VERL_PLATFORM=cpu` and
 the repo root on PYTHONPATH this runs in every torchrun rank before the trainer starts.
-`stages/sft.py` sets all three when `launch.device=cpu` (tests and the CPU demo). What it patches:
+`stages/launch.py` sets all three when `launch.device=cpu` (tests and the CPU demo). What it patches:
   1. a `cpu` entry in verl's PlatformRegistry (picked by VERL_PLATFORM=cpu): device "cpu", backend
      gloo, and a stand-in for `torch.cuda` whose seeding/caching/memory calls are no-ops;
   2. verl opens its process group as "cpu:gloo,<device>:<backend>", which with device cpu reads

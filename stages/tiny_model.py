@@ -1,4 +1,4 @@
-"""A tiny random Qwen2-shaped model and a BPE tokenizer trained on the spot, for CPU tests.
+"""A tiny random Qwen2-shaped model and a BPE tokenizer trained on the spot: the CPU demo and the tests.
 
 Nothing is downloaded: the tokenizer is trained on GSM8K text (or any text given), the model is
 random. The chat template is ChatML, as in Qwen2.5, so `<|im_end|>` ends every turn.

@@ -1,7 +1,7 @@
-"""Test-only, beside tests/cpu_platform.py: what verl 0.9.1's Ray trainer (`main_ppo`) also needs on CPU.
+"""Beside plugins/cpu_platform.py (CPU runs: tests, the demo): what verl 0.9.1's Ray trainer (`main_ppo`) also needs on CPU.
 
-Loaded in every Ray process through `VERL_USE_EXTERNAL_MODULES=tests.cpu_platform,tests.cpu_platform_rl,…`
-(stages/grpo.py sets it when `launch.device=cpu`). With the `cpu` platform, verl already asks Ray for
+Loaded in every Ray process through `VERL_USE_EXTERNAL_MODULES=plugins.cpu_platform,plugins.cpu_platform_rl,…`
+(stages/grpo.py sets it from stages/launch.py when `launch.device=cpu`). With the `cpu` platform, verl already asks Ray for
 CPU bundles, but
   1. the resource check before placement counts Ray's `GPU` (or `NPU`) resource, finds none and
      stops: here it counts CPUs;

@@ -1,4 +1,4 @@
-"""Plumbing every stage shares: compose config.yaml, name the run folder, read and write manifests.
+"""config.yaml and run folders: compose the config, name the run folder, read and write manifests.
 
 Stages hand off through run folders, `outputs/<run>/<stage>/manifest.json`, never through globals.
 """
@@ -14,7 +14,6 @@ from omegaconf import DictConfig, OmegaConf
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "config.yaml"
-SECTIONS = ("run", "launch", "model", "data", "sft", "eval", "ei", "grpo", "logging")
 
 if not OmegaConf.has_resolver("if"):
     OmegaConf.register_new_resolver("if", lambda cond, a, b: a if cond else b)
@@ -27,17 +26,20 @@ def load_config(stage: str | None, overrides: list[str], config_path: Path = CON
     """
     from hydra import compose, initialize_config_dir
 
+    from stages import registry
+
+    sections = tuple(_raw(config_path))
+    section = registry.get(stage).verl if stage else None
     routed = []
     for item in overrides:
         key = item.split("=", 1)[0].lstrip("+~")
         if "=" not in item and not item.startswith("~"):
             raise ValueError(f"override {item!r} is not key=value")
-        if key.split(".", 1)[0] not in SECTIONS:
-            if stage not in ("sft", "ei", "grpo"):
+        if key.split(".", 1)[0] not in sections:
+            if section is None:
                 raise ValueError(f"override {item!r}: '{key.split('.')[0]}' is not a section of "
-                                 f"{config_path.name} ({', '.join(SECTIONS)}) and stage {stage!r} "
+                                 f"{config_path.name} ({', '.join(sections)}) and stage {stage!r} "
                                  "has no verl block to pass it to")
-            section = "sft" if stage == "ei" else stage
             prefix = item[: len(item) - len(item.lstrip("+~"))]
             item = f"{prefix}{section}.verl.{item.lstrip('+~')}"
             # a verl key that config.yaml does not list yet must be added, not overridden

@@ -1,6 +1,6 @@
 """`ladder_varlen`: causal attention over packed rows, each sample attending only to itself.
 
-    sft.verl.model.external_lib=stages.attention                        # verl imports this module
+    sft.verl.model.external_lib=plugins.attention                        # verl imports this module
     model.attn_implementation=ladder_varlen                             # config.yaml (ladder's key)
 
 Why: with `use_remove_padding` verl packs a micro-batch into one row (`input_ids` of shape
@@ -153,6 +153,6 @@ def ladder_varlen_attention(module, query, key, value, attention_mask, scaling=N
     return out.reshape(batch, length, *out.shape[1:]), None
 
 
-# eager inside a compiled layer (stages/compile.py): the boundaries are read back to the host
+# eager inside a compiled layer (plugins/compile.py): the boundaries are read back to the host
 AttentionInterface.register(NAME, torch.compiler.disable(ladder_varlen_attention))
 AttentionMaskInterface.register(NAME, padding_mask)
