@@ -1,6 +1,6 @@
-"""The LM-head log-prob loss alone, forward + backward: ladder's (stages/fused_ce.py) against verl's.
+"""The LM-head log-prob loss alone, forward + backward: ladder's (plugins/fused_ce.py) against verl's.
 
-    python bench/loss_kernels.py --tokens 28672 --hidden 1536      # one 1.5B micro-batch at 32k budget
+    python -m bench.loss_kernels --tokens 28672 --hidden 1536      # one 1.5B micro-batch at 32k budget
 
 Times each implementation on the same random bf16 hidden states and weights (CUDA events, after two
 warm-up runs, mean of --repeat), and reports ms, TFLOP/s on the 6·T·H·V FLOPs of the LM head's
@@ -14,8 +14,6 @@ import sys
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def implementations():

@@ -1,6 +1,6 @@
 """Where an SFT step's time goes, from the chrome trace verl's torch profiler writes.
 
-    python bench/trace_summary.py TRACE.json.gz          # a table; --json for the dict
+    python -m bench.trace_summary TRACE.json.gz          # a table; --json for the dict
 
 bench/sft_throughput.py `--profile` has verl (`profiler.enable`, `trainer.profile_interval`) trace two
 steps after the timed ones and puts this summary in its results. verl marks each step `train_batch`

@@ -1,25 +1,64 @@
-"""bench/sft_throughput.py: every variant flag composes into a verl command that fits verl's schema."""
+"""bench/: every variant flag composes into a verl command that fits verl's schema; trace_summary's breakdown."""
+import doctest
 import json
 import subprocess
 import sys
 from pathlib import Path
 
-from stages import launch as stage_launch, sft
-from stages.config import REPO, load_config
+import pytest
+
+from bench import REPO, trace_summary, variants, verl_run
+from bench.sft_throughput import main_parser
 from tests.test_sft import verl_schema_compose
 
-sys.path.insert(0, str(REPO / "bench"))
-import sft_throughput as bench  # noqa: E402
+
+def launched(flags, tmp_path):
+    """(verl's config composed from the command the bench would run for this variant, its environment, the variant)."""
+    v = variants.variant_parser().parse_args(flags)
+    v.name = variants.label(v)
+    cmd, env, _ = verl_run.launch(v, Path("/m"), Path("/d.parquet"), tmp_path, "cuda")
+    return verl_schema_compose(cmd[cmd.index("verl.trainer.sft_trainer") + 1:]), env, v
+
+
+def main_args(argv):
+    before, sweep = variants.split_sweep(argv)
+    args = main_parser().parse_args(before)
+    args.sweep = sweep
+    return args
+
+
+def test_sweep_variants_take_the_flags_before_sweep_as_defaults_and_keep_their_own():
+    args = main_args(["--shape", "tiny", "--set", "a=1", "--steps", "3", "--sweep", "--set b=2", "--liger", "hand",
+                      "--warmup 0"])
+    first, liger, hand, no_warmup = variants.expand(args)
+    assert (first.set, liger.set, hand.set) == (["a=1", "b=2"], ["a=1"], ["a=1"])  # b=2 stays in its variant
+    assert liger.liger and not first.liger and hand.hand
+    assert all(v.shape == "tiny" and v.steps == 3 for v in (first, hand))
+    assert no_warmup.warmup == 1  # the first timed step is timed from the warmup's last metrics line
+    assert hand.name == "tiny hand loop (sdpa, ckpt, fp32+autocast)"
+    assert liger.name == "tiny ladder_varlen liger ckpt a=1"
+
+
+def test_the_examples_in_variants_docstrings_hold():
+    failed, tried = doctest.testmod(variants)
+    assert tried >= 3 and failed == 0
+
+
+def test_without_sweep_one_variant_and_the_hand_loop_on_request():
+    (only,) = variants.expand(main_args(["--shape", "0.5b", "--liger"]))
+    verl, hand = variants.expand(main_args(["--shape", "0.5b", "--liger", "--with_hand"]))
+    assert only.name == verl.name == "0.5b ladder_varlen liger ckpt" and hand.hand and not verl.hand
+
+
+def test_a_bad_env_flag_stops_before_any_work():
+    with pytest.raises(SystemExit, match=r"--env FOO \(variant 'tiny ladder_varlen ckpt FOO'\): expected NAME=VALUE"):
+        variants.expand(main_args(["--shape", "tiny", "--sweep", "--env A=1", "--env FOO"]))
 
 
 def test_every_variant_flag_reaches_verl(tmp_path):
     flags = ["--fused_adam", "--no_reshard", "--workers", "3", "--liger", "--fused_ce", "triton", "--max_tokens",
              "8192", "--lora", "8", "--batch_size", "32", "--unpacked", "--compile", "--no_grad_ckpt"]
-    variant = bench.variant_parser().parse_args(flags)
-    variant.name = bench.label(variant)
-    cfg = load_config("sft", bench.verl_overrides(variant, Path("/m"), Path("/d.parquet"), tmp_path, "cuda"))
-    keys = sft.trainer_keys(cfg, tmp_path, "/d.parquet", None)
-    c = verl_schema_compose(keys)
+    c, _, _ = launched(flags, tmp_path)
     assert c.optim.override_optimizer_config.fused is True and c.engine.reshard_after_forward is False
     assert (c.data.num_workers, c.data.max_token_len_per_gpu, c.data.train_batch_size) == (3, 8192, 32)
     assert (c.model.use_liger, c.model.use_fused_kernels, c.model.fused_kernel_options.impl_backend) == (True, True, "triton")
@@ -31,19 +70,17 @@ def test_every_variant_flag_reaches_verl(tmp_path):
 
 def test_new_levers_reach_verl(tmp_path):
     """--compile is ladder's model.compile (verl's engine.use_torch_compile only compiles an entropy helper)."""
-    flags = ["--compile", "--no_sync", "--pad_bucket", "2048", "--profile", "--steps", "3", "--warmup", "2"]
-    variant = bench.variant_parser().parse_args(flags)
-    variant.name = bench.label(variant)
-    cfg = load_config("sft", bench.verl_overrides(variant, Path("/m"), Path("/d.parquet"), tmp_path, "cuda"))
-    c = verl_schema_compose(sft.trainer_keys(cfg, tmp_path, "/d.parquet", None))
+    flags = ["--compile", "--no_sync", "--pad_bucket", "2048", "--profile", "--steps", "3", "--warmup", "2",
+             "--env", "LADDER_BENCH_X=a=b"]
+    c, env, variant = launched(flags, tmp_path)
     assert "plugins.compile" in list(c.model.external_lib) and c.engine.use_torch_compile is False
-    assert stage_launch.environment(cfg, tmp_path)["LADDER_COMPILE"] == "inductor"
+    assert env["LADDER_COMPILE"] == "inductor" and env["LADDER_BENCH_X"] == "a=b"
     assert c.engine.use_no_sync_for_gradient_accumulation is True
     assert (c.engine.pad_to_length, c.engine.pad_to_length_bucket) == (True, 2048)
     # two traced steps after the 5 timed ones, and one more so the run does not end (and save) mid-trace
     assert c.profiler.enable is True and list(c.trainer.profile_interval) == [6, 7]
     assert c.trainer.total_training_steps == 8
-    assert c.profiler.save_path == str(bench.profile_dir(variant, tmp_path))
+    assert c.profiler.save_path == str(verl_run.profile_dir(variant, tmp_path))
 
 
 # ---- bench/trace_summary.py on a hand-made trace (ms): two steps, the first with two micro-batches
@@ -72,8 +109,6 @@ TRACE = [
 
 
 def test_trace_summary_splits_a_step_into_gpu_work_and_what_the_gpu_waited_for():
-    import trace_summary
-
     s = trace_summary.summarize(TRACE)
     first, second = s["steps"]
     assert (first["wall_ms"], first["micro_batches"], first["micro_ms"]) == (100, 2, [40, 40])
@@ -89,13 +124,14 @@ def test_trace_summary_splits_a_step_into_gpu_work_and_what_the_gpu_waited_for()
     assert "GPU idle inside the steps: 50.0 ms" in text and "between steps (data loading, logging): [50.0]" in text
 
 
+@pytest.mark.slow
 def test_profiled_bench_run_on_cpu_writes_the_breakdown(tmp_path, gsm8k_dir):
     """The real thing, tiny and on CPU: verl traces two steps after the timed ones; the summary is in the results."""
     out = tmp_path / "r.json"
-    proc = subprocess.run([sys.executable, str(REPO / "bench" / "sft_throughput.py"), "--device", "cpu", "--shape",
-                           "tiny", "--steps", "2", "--warmup", "1", "--profile", "--workdir", str(tmp_path),
+    proc = subprocess.run([sys.executable, "-m", "bench.sft_throughput", "--device", "cpu", "--shape", "tiny",
+                           "--steps", "2", "--warmup", "1", "--profile", "--workdir", str(tmp_path),
                            "--gsm8k", str(gsm8k_dir / "train.jsonl"), "--out", str(out)],
-                          capture_output=True, text=True, timeout=600)
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     (r,) = json.loads(out.read_text())["results"]
     assert r["status"] == "ok" and r["measured_steps"] == 2 and len(r["step_s"]) == 2 and len(r["losses"]) == 3
