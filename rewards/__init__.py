@@ -11,6 +11,9 @@ The same five keys every call, floats but for `pred`, so verl can average and lo
 bare answer or a whole reference solution. An unknown data_source is a configuration error and raises; a
 completion never does (a grader bug is logged and scored 0 here; the tests call the graders unguarded).
 
+GRPO may train on `combined_score` instead (rewards/terms.py): the same keys, `score` a weighted sum of
+correctness, format and length terms, each also logged under its own key.
+
 >>> compute_score(data_source="openai/gsm8k", solution_str="#### 72", ground_truth="72")["score"]
 1.0
 """
@@ -52,3 +55,8 @@ def extract_answer(text: str, data_source: str) -> str | None:
     ('1072', 'x^2')
     """
     return grader(data_source).extract_answer(text)
+
+
+# last: rewards.terms reads compute_score and extract_answer from this package; here for verl's loader,
+# which takes a file and a name (reward.custom_reward_function.path / .name)
+from rewards.terms import combined_score  # noqa: E402

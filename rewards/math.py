@@ -8,8 +8,9 @@ Strict: the normalized strings are equal (spaces, `\\left`/`\\right`, `\\! \\, \
 trailing period, `\\text{…}` units after a value, `^\\circ`, `x =` dropped; `\\dfrac`/`\\tfrac` read as
 `\\frac`), or math-verify's `parse` + `verify` says they are equal. math-verify times out through
 `signal.alarm`, which only works in a main thread, and verl calls `compute_score` from a thread pool:
-off the main thread it runs in a helper subprocess, killed and restarted when it hangs. When
-math-verify is missing, raises, or times out, the string comparison alone decides.
+off the main thread it runs in helper subprocesses (up to min(4, CPUs), started on first need; each
+question takes an idle one, so a trivial answer does not queue behind a slow one), a hung one killed and
+restarted. When math-verify is missing, raises, or times out, the string comparison alone decides.
 Lenient: strict, or the last number in the completion equals the gold answer as a number.
 `format_ok`: a non-empty boxed answer exists.
 
@@ -132,8 +133,40 @@ class Helper:
         self.proc = None
 
 
-HELPER = Helper()
-atexit.register(HELPER.close)
+class Pool:
+    """Up to `size` helpers, made on first need; each question takes an idle one, so a quick comparison
+    never waits behind a slow one while fewer than `size` are busy (then it waits for the first freed)."""
+
+    def __init__(self, size: int, make=Helper):
+        self.size, self.make = size, make
+        self.idle: list = []
+        self.made: list = []
+        self.freed = threading.Condition()
+
+    def ask(self, gold: str, pred: str) -> bool | None:
+        with self.freed:
+            while not self.idle and len(self.made) >= self.size:
+                self.freed.wait()
+            if self.idle:
+                helper = self.idle.pop()
+            else:
+                helper = self.make()
+                self.made.append(helper)
+        try:
+            return helper.ask(gold, pred)
+        finally:
+            with self.freed:
+                self.idle.append(helper)
+                self.freed.notify()
+
+    def close(self) -> None:
+        with self.freed:
+            for helper in self.made:
+                helper.close()
+
+
+HELPERS = Pool(min(4, os.cpu_count() or 1))
+atexit.register(HELPERS.close)
 
 
 @lru_cache(maxsize=65536)  # GRPO grades many identical answers to one problem
@@ -142,7 +175,7 @@ def math_verify_equal(gold: str, pred: str) -> bool | None:
         return None
     if threading.current_thread() is threading.main_thread():
         return math_verify_here(gold, pred)
-    return HELPER.ask(gold, pred)
+    return HELPERS.ask(gold, pred)
 
 
 def is_equal(pred: str, gold: str) -> bool:

@@ -70,6 +70,47 @@ GSM8K_CASES = [
     ("no-number-after-hashes", "#### seventy-two", "72", 0, 0, 0, None),
     ("gold-is-full-solution", "#### 72", "48+24=<<48+24=72>>72\n#### 72", 1, 1, 1, "72"),
     ("unicode", "答案 #### 72 ✓", "72", 1, 1, 1, "72"),
+    # last marker of each kind wins (issue 20: each case fails when `_last` returns the first match of its marker)
+    ("answer-last-tag-wins", "<answer>7</answer> no wait, <answer>9</answer>", "9", 1, 1, 1, "9"),
+    ("boxed-last-box-wins", "\\boxed{7} no wait, \\boxed{9}", "9", 1, 1, 1, "9"),
+    ("hashes-last-in-paragraph-wins", "#### 7 or rather #### 9", "9", 1, 1, 1, "9"),
+    # a marked number must stand alone (issue 17): never graded as its first digits
+    ("sign-then-space", "#### - 3", "-3", 1, 1, 1, "-3"),
+    ("sign-then-space-answer-tag", "<answer> - 3 </answer>", "-3", 1, 1, 1, "-3"),
+    ("scientific", "#### 1e3", "1000", 1, 1, 1, "1e3"),
+    ("scientific-not-its-mantissa", "#### 1e3", "1", 0, 0, 1, "1e3"),
+    ("scientific-negative-exponent", "#### 2.5E-2", "0.025", 1, 1, 1, "2.5E-2"),
+    ("scientific-broken-exponent", "#### 1e3.5", "1", 0, 0, 0, None),
+    ("mixed-number", "#### 3 1/2", "3.5", 1, 1, 1, "3 1/2"),
+    ("mixed-not-its-whole", "#### 3 1/2", "3", 0, 0, 1, "3 1/2"),
+    ("mixed-negative", "#### -3 1/2", "-7/2", 1, 1, 1, "-3 1/2"),
+    ("mixed-latex", "\\boxed{3\\frac{1}{2}}", "3.5", 1, 1, 1, "3 1/2"),
+    ("mixed-improper-has-no-value", "#### 3 5/2", "5.5", 0, 0, 1, "3 5/2"),
+    ("power-not-its-base", "#### 2^10", "2", 0, 0, 0, None),
+    ("power-not-its-value", "#### 2^10", "1024", 0, 0, 0, None),
+    ("power-braced", "\\boxed{2^{10}}", "2", 0, 0, 0, None),
+    ("power-python", "#### 2**10", "2", 0, 0, 0, None),
+    ("product-star-is-no-emphasis", "#### 3*4", "34", 0, 0, 0, None),
+    ("product-spaced-star", "#### 3 * 4", "3", 0, 0, 0, None),
+    ("product-times", "#### 3 \\times 4 = 12", "3", 0, 0, 0, None),
+    ("product-x", "#### 3 x 4", "3", 0, 0, 0, None),
+    ("dimensions", "#### 3x4", "3", 0, 0, 0, None),
+    ("expression", "#### 48 + 24 = 72", "48", 0, 0, 0, None),
+    ("expression-right-result-lenient", "#### 48 + 24 = 72", "72", 0, 1, 0, None),
+    ("range", "#### 5-6", "5", 0, 0, 0, None),
+    ("two-fraction-bars", "#### 1/2/3", "1/2", 0, 0, 0, None),
+    ("hex", "#### 0x10", "0", 0, 0, 0, None),
+    ("malformed-thousands", "#### 12,34", "12", 0, 0, 0, None),
+    ("malformed-thousands-long-group", "#### 1,0000", "1", 0, 0, 0, None),
+    ("decimal-comma", "#### 3,5", "3", 0, 0, 0, None),
+    ("two-decimal-points", "#### 1.2.3", "1", 0, 0, 0, None),
+    ("not-plain-then-other-marker", "\\boxed{5}\n#### 2^10", "5", 1, 1, 1, "5"),
+    # beyond int()'s 4,300 digits: exact comparison, no ValueError
+    ("huge-equal", "#### " + "1" * 5001, "1" * 5001, 1, 1, 1, "1" * 5001),
+    ("huge-unequal", "#### " + "1" * 5001, "1" * 5000 + "2", 0, 0, 1, "1" * 5001),
+    ("huge-fraction", "#### " + "2" * 5001 + "/2", "1" * 5001, 1, 1, 1, "2" * 5001 + "/2"),
+    ("huge-decimal", "#### 0." + "5" * 5001, "0." + "5" * 5001 + "000", 1, 1, 1, "0." + "5" * 5001),
+    ("past-max-digits-has-no-value", "#### " + "1" * 20_001, "1" * 20_001, 0, 0, 1, "1" * 20_001),
 ]
 
 
@@ -124,6 +165,11 @@ def test_math_cases(case):
     assert out["score"] == float(acc)
 
 
+def test_case_ids_unique():  # test_rewards_reference.py names cases by id
+    for cases in (GSM8K_CASES, MATH_CASES):
+        assert len({c[0] for c in cases}) == len(cases)
+
+
 @pytest.mark.parametrize("source,right,formatted_wrong,unformatted_right", [
     (G, "#### 72", "#### 71", "it is 72"), (M, "\\boxed{72}", "\\boxed{71}", "it is 72")])
 def test_reward_values(source, right, formatted_wrong, unformatted_right):
@@ -147,10 +193,15 @@ def test_math_string_fallback_without_math_verify(monkeypatch, fresh_cache):
     assert compute_score(M, "\\boxed{0.5}", "\\frac{1}{2}")["acc"] == 0.0  # what the fallback cannot see
 
 
-def in_thread(fn, *args):
-    out = []
-    thread = threading.Thread(target=lambda: out.append(fn(*args)))
+def run_in_thread(fn, *args) -> tuple[threading.Thread, list]:
+    out: list = []
+    thread = threading.Thread(target=lambda: out.append(fn(*args)), daemon=True)
     thread.start()
+    return thread, out
+
+
+def in_thread(fn, *args):
+    thread, out = run_in_thread(fn, *args)
     thread.join()
     return out[0]
 
@@ -174,6 +225,60 @@ def test_hung_helper_is_killed_and_replaced(monkeypatch):
         helper.close()
 
 
+class FakeHelper:
+    """A helper whose verdict on gold 'slow' waits for `release`: a slow math-verify comparison, on demand."""
+    started, release = threading.Event(), threading.Event()
+
+    def ask(self, gold, pred):
+        if gold == "slow":
+            FakeHelper.started.set()
+            assert FakeHelper.release.wait(60), "the test never released the slow comparison"
+        return gold == pred
+
+    def close(self):
+        pass
+
+
+@pytest.fixture
+def fake_helpers():
+    FakeHelper.started.clear()
+    FakeHelper.release.clear()
+    yield FakeHelper
+    FakeHelper.release.set()  # frees a thread a failed test left waiting
+
+
+def test_quick_answer_does_not_wait_behind_a_slow_one(fake_helpers):
+    """Issue 17: with one shared helper, a trivial comparison queued ~6 s behind a slow one."""
+    pool = math_grader.Pool(2, make=FakeHelper)
+    slow, slow_out = run_in_thread(pool.ask, "slow", "x")
+    assert FakeHelper.started.wait(60)
+    quick, quick_out = run_in_thread(pool.ask, "1", "1")
+    quick.join(60)  # a deadlock guard: it returns at once unless it waits for the slow one
+    assert quick_out == [True] and slow.is_alive() and not FakeHelper.release.is_set()
+    FakeHelper.release.set()
+    slow.join(60)
+    assert slow_out == [False] and len(pool.made) == 2
+
+
+def test_pool_waits_for_a_free_helper_when_all_are_busy(fake_helpers):
+    pool = math_grader.Pool(1, make=FakeHelper)
+    slow, _ = run_in_thread(pool.ask, "slow", "x")
+    assert FakeHelper.started.wait(60)
+    queued, queued_out = run_in_thread(pool.ask, "1", "1")
+    queued.join(0.5)
+    assert queued.is_alive() and queued_out == []  # a pass could only be luck on a slow box, never a flake
+    FakeHelper.release.set()
+    queued.join(60)
+    slow.join(60)
+    assert queued_out == [True] and len(pool.made) == 1
+
+
+def test_pool_reuses_idle_helpers(fake_helpers):
+    pool = math_grader.Pool(4, make=FakeHelper)
+    assert [pool.ask("1", "1"), pool.ask("1", "2"), in_thread(pool.ask, "2", "2")] == [True, False, True]
+    assert len(pool.made) == 1
+
+
 def test_dispatch_and_keys():
     for source in ("openai/gsm8k", "gsm8k", "math", "DigitalLearningGmbH/MATH-lighteval", "HuggingFaceH4/MATH-500",
                    "math500"):
@@ -194,7 +299,8 @@ def test_docstring_examples():
 
 MARKERS = st.sampled_from(["####", "<answer>", "</answer>", "\\boxed{", "\\fbox{", "{", "}", "{,}", "$", ",",
                            "<<", ">>", "**", "-", "\u2212", ".", "/", "/0", "\\frac{", "\\text{", "\n\n", " ",
-                           "1,000", "72", "0", "9" * 30])
+                           "1,000", "72", "0", "9" * 30, "^", "e3", "E-", "x1", "*", " 1/2", "\u00d7", "\\times",
+                           "1" * 4400])
 
 
 @settings(max_examples=300, deadline=None)
