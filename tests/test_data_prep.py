@@ -607,6 +607,8 @@ def test_over_long_user_sample_counted_as_verl_does(tmp_path, system_tokenizer, 
         (1, 1, n - 1)
     assert summary["skipped_reasons"] == [str(err.value).split(" (raise")[0]]
     assert "skipped 1 bad record(s) (1 longer than max_length)" in capsys.readouterr().out
+    with pytest.raises(ValueError, match=f"every sample of sft_train is longer than max_length=5 \\(the longest: {n} "):
+        prepare(dict(data, skip_bad=True), out, tokenizer=tok, max_length=5)  # skipping all would leave no file
     prepare(data, out)  # the check off again: every row back, and prep.json says no check ran
     assert len(pd.read_parquet(files["sft_train"])) == 3
     assert json.loads((out / "prep.json").read_text())["length_check"] is None
