@@ -8,6 +8,11 @@
                                 reward_model {style: "rule", ground_truth}, extra_info {split, index,
                                 question, answer = the full reference solution} (verl's main_ppo)
   prep.json                     the settings, the source of each split, counts per file, bad records skipped
+Given a tokenizer and max_length (`prepare(cfg, out, tokenizer=model_path, max_length=1024)`), every
+sft_train/sft_val sample is counted as verl's MultiTurnSFTDataset counts it (stats.lengths) and one
+longer than max_length is a BadRecord naming its source line, or with skip_bad a skip counted in
+prep.json (skipped_over_length). The check runs after the subset is drawn, so it never changes which
+rows are chosen; RL rows and sft_test (which verl's SFT does not read) are not checked.
 val files exist only when val_size > 0; `dataset: user` writes sft_train (and sft_val) only, and
 math500 (a test set) writes the test files only. The same config writes the same bytes.
 
@@ -25,7 +30,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from data_prep import sources, templates
+from data_prep import sources, stats, templates
 from data_prep.errors import BadRecord, Skips
 
 DATA_SOURCE = {"gsm8k": "openai/gsm8k", "math": "DigitalLearningGmbH/MATH-lighteval",
@@ -133,6 +138,52 @@ def split_train(items: list, cfg) -> dict[str, list]:
     return {"train": [items[i] for i in sorted(train)], "val": [items[i] for i in sorted(val)]}
 
 
+# ---- the length check: samples verl would refuse
+def length_limit(tokenizer, max_length, chat_template_kwargs) -> dict | None:
+    """{tokenizer, name, max_length, chat_template_kwargs} for within_limit, or None when no check is asked for."""
+    if tokenizer is None and max_length is None:
+        return None
+    if tokenizer is None or max_length is None:
+        raise ValueError(f"the length check needs a tokenizer and max_length together (got tokenizer={tokenizer!r}, "
+                         f"max_length={max_length!r}): pass both (--tokenizer with --max_length) or neither")
+    tok = stats.load_tokenizer(tokenizer)
+    name = str(tokenizer) if isinstance(tokenizer, (str, os.PathLike)) else tok.name_or_path or type(tok).__name__
+    return {"tokenizer": tok, "name": name, "max_length": int(max_length),
+            "chat_template_kwargs": dict(chat_template_kwargs or {})}
+
+
+def within_limit(rows: dict[str, list], records: list, limit: dict | None, skips: Skips) -> None:
+    """Drop from rows' sft_train and sft_val (in place) each sample longer than limit's max_length, as a
+    BadRecord naming its source record (records[extra_info.index]): raised, or skipped and counted.
+
+    The subset is drawn before the check, so the rows chosen (and the RL files) do not depend on it.
+    """
+    if limit is None:
+        return
+    max_length = limit["max_length"]
+    for name in ("sft_train", "sft_val"):
+        samples = rows.get(name) or []
+        if not samples:
+            continue
+        convs = [r["messages"] for r in samples]
+        total = stats.lengths(convs, limit["tokenizer"], limit["chat_template_kwargs"])["total"]
+        over = int((total > max_length).sum())
+        rows[name] = []
+        for row, n in zip(samples, total):
+            if n <= max_length:
+                rows[name].append(row)
+                continue
+            skips.handle(BadRecord(
+                records[row["extra_info"]["index"]].where, None,
+                f"sample is {n} tokens with {limit['name']}'s chat template, longer than max_length={max_length} "
+                f"({over} of the {len(samples)} samples of {name} are)",
+                hint="raise sft.max_length (--max_length), or set data.skip_bad=true (--skip_bad) to skip and count "
+                "such samples", kind="over_length"))
+        if not rows[name]:
+            raise ValueError(f"every sample of {name} is longer than max_length={max_length} "
+                             f"(the longest: {int(total.max())} tokens); raise sft.max_length (--max_length)")
+
+
 # ---- writing
 def write(out: Path, tables_: dict[str, list], summary: dict, skips: Skips) -> dict[str, str]:
     """The parquet files, prep.json, and no stale file from an earlier config; returns {name: path}."""
@@ -154,22 +205,33 @@ def write(out: Path, tables_: dict[str, list], summary: dict, skips: Skips) -> d
     for line in summary.get("warnings", []):
         print(f"[data_prep] warning: {line}")
     if skips.count:
-        print(f"[data_prep] skipped {skips.count} bad record(s); the first {len(skips.reasons)} are listed in "
-              f"{out / 'prep.json'}")
+        over = f" ({skips.over_length} longer than max_length)" if skips.over_length else ""
+        print(f"[data_prep] skipped {skips.count} bad record(s){over}; the first {len(skips.reasons)} are listed "
+              f"in {out / 'prep.json'}")
     return files
 
 
-def prepare(data_cfg, out_dir, repo_root=None) -> dict[str, str]:
-    """Write the parquet files for config.yaml's `data:` keys into out_dir; return {name: path}."""
+def prepare(data_cfg, out_dir, repo_root=None, *, tokenizer=None, max_length: int | None = None,
+            chat_template_kwargs: dict | None = None) -> dict[str, str]:
+    """Write the parquet files for config.yaml's `data:` keys into out_dir; return {name: path}.
+
+    tokenizer (a model folder, hub id or tokenizer object) with max_length holds every SFT train/val
+    sample to max_length tokens as verl counts them (chat_template_kwargs: verl's
+    data.apply_chat_template_kwargs); both None: no check.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     dataset = str(setting(data_cfg, "dataset", "gsm8k"))
     skips = Skips(bool(setting(data_cfg, "skip_bad", False)))
+    limit = length_limit(tokenizer, max_length, chat_template_kwargs)
     settings = {"train_size": train_size(setting(data_cfg, "train_size")),
                 "val_size": int(setting(data_cfg, "val_size", 0)), "seed": int(setting(data_cfg, "seed", 42)),
-                "skip_bad": skips.skip_bad}
+                "skip_bad": skips.skip_bad,
+                # the check's inputs are settings too: files made under another limit are other files
+                "length_check": limit and {"tokenizer": limit["name"], "max_length": limit["max_length"],
+                                           "chat_template_kwargs": limit["chat_template_kwargs"]}}
     if dataset == "user":
-        return prepare_user(data_cfg, out, skips, settings)
+        return prepare_user(data_cfg, out, skips, settings, limit)
     if dataset not in FIELDS:
         raise ValueError(f"data.dataset={dataset!r}: use gsm8k, math, math500 or user")
     tpl = templates.get(template_name(data_cfg))
@@ -185,8 +247,8 @@ def prepare(data_cfg, out_dir, repo_root=None) -> dict[str, str]:
         if settings["val_size"] or settings["train_size"] is not None:
             raise ValueError("data.dataset=math500 is a test set: train_size and val_size do not apply")
     else:
-        records, where["train"] = sources.load(dataset, "train", source, repo_root)
-        items = problems(records, dataset, strip, skips, where["train"])
+        train, where["train"] = sources.load(dataset, "train", source, repo_root)
+        items = problems(train, dataset, strip, skips, where["train"])
         available["train"] = len(items)
         splits.update(split_train(items, data_cfg))
     records, where["test"] = sources.load(dataset, "test", source, repo_root)
@@ -195,13 +257,15 @@ def prepare(data_cfg, out_dir, repo_root=None) -> dict[str, str]:
     rows = {}
     for split, items in splits.items():
         rows.update(tables(items, dataset, split, tpl, answer_only))
+    if dataset != "math500":
+        within_limit(rows, train, limit, skips)
     summary = {"dataset": dataset, "data_source": DATA_SOURCE[dataset], "template": tpl.name,
                "answer_only": answer_only, "strip_calculator": strip, **settings,
                "source": where, "usable_records": available, "warnings": warnings}
     return write(out, rows, summary, skips)
 
 
-def prepare_user(data_cfg, out: Path, skips: Skips, settings: dict) -> dict[str, str]:
+def prepare_user(data_cfg, out: Path, skips: Skips, settings: dict, limit: dict | None) -> dict[str, str]:
     """`dataset: user`: data.train_file (JSON/JSONL conversations) → sft_train (+ sft_val)."""
     from data_prep import user
 
@@ -211,8 +275,8 @@ def prepare_user(data_cfg, out: Path, skips: Skips, settings: dict) -> dict[str,
     if str(path).endswith(".parquet"):
         raise ValueError(f"data.train_file={path} is a parquet file: the stages read it as it is; "
                          "data_prep converts JSON/JSONL")
-    items = []
-    for index, rec in enumerate(sources.read_records(path)):
+    items, records = [], sources.read_records(path)
+    for index, rec in enumerate(records):
         try:
             items.append((index, user.messages(rec)))
         except BadRecord as err:
@@ -223,6 +287,7 @@ def prepare_user(data_cfg, out: Path, skips: Skips, settings: dict) -> dict[str,
     for split, chosen in split_train(items, data_cfg).items():
         rows[f"sft_{split}"] = [{"messages": msgs, "data_source": "user", "extra_info": user.info(split, i, msgs)}
                                 for i, msgs in chosen]
+    within_limit(rows, records, limit, skips)
     warnings = ["answer_only does not apply to user data: every assistant turn is trained"] \
         if setting(data_cfg, "answer_only", False) else []
     summary = {"dataset": "user", "data_source": "user", "template": None, **settings,

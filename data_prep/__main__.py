@@ -2,10 +2,12 @@
 
   python -m data_prep prepare --dataset gsm8k --template r1 --train_size 512 --val_size 64 --out data/gsm8k
   python -m data_prep user my.jsonl --out data/mine [--val_size 100] [--skip_bad]
+                                     [--tokenizer Qwen/Qwen2.5-0.5B --max_length 1024]
   python -m data_prep stats data/gsm8k/sft_train.parquet --tokenizer Qwen/Qwen2.5-0.5B --max_length 1024
 
 prepare's flags are config.yaml's `data:` keys; it prints {file name: path} as JSON. Bad input exits 2
-with a message naming the file, line and field.
+with a message naming the file, line and field. --tokenizer with --max_length also makes an SFT sample
+longer than max_length (as verl counts it) bad input, or with --skip_bad a counted skip.
 """
 from __future__ import annotations
 
@@ -22,6 +24,10 @@ def subset_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--skip_bad", action="store_true", help="skip and count bad records instead of stopping")
     p.add_argument("--out", required=True, help="folder for the parquet files and prep.json")
+    p.add_argument("--tokenizer", default=None, help="with --max_length: a model folder or hub id whose chat "
+                   "template counts each SFT sample's tokens as verl will")
+    p.add_argument("--max_length", type=int, default=None, help="with --tokenizer: the longest SFT sample allowed "
+                   "(sft.max_length)")
 
 
 def main(argv=None) -> int:
@@ -53,8 +59,8 @@ def main(argv=None) -> int:
             print(report(args.file, args.tokenizer, args.max_length))
             return 0
         cfg = dict(vars(args), dataset="user", train_file=args.file) if args.cmd == "user" else vars(args)
-        files = prepare(cfg, args.out)
-    except (ValueError, FileNotFoundError) as err:  # BadRecord is a ValueError
+        files = prepare(cfg, args.out, tokenizer=args.tokenizer, max_length=args.max_length)
+    except (ValueError, FileNotFoundError) as err:  # BadRecord and BadFile are ValueErrors
         print(f"data_prep: {err}", file=sys.stderr)
         return 2
     print(json.dumps(files, indent=2))

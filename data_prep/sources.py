@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from data_prep.errors import BadRecord
+from data_prep.errors import BadFile, BadRecord
 
 REPO = Path(__file__).resolve().parents[1]
 HUB = {  # dataset -> (hub id, config, splits it has)
@@ -52,14 +52,41 @@ class Record:
 
 
 # ---- reading files
+REENCODE = "re-encode the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8 FILE > FILE.utf8`)"
+
+
+def not_utf8(raw: bytes) -> tuple[int, int, int] | None:
+    """(line, column, byte offset) of raw's first byte that is not UTF-8, or None when it all decodes.
+
+    Line and column count from 1 (the column in bytes), the offset from 0.
+    >>> not_utf8('{"q": "ok"}\\n{"q": "caf\\u00e9"}'.encode("latin1"))
+    (2, 11, 22)
+    """
+    try:
+        raw.decode("utf-8")
+        return None
+    except UnicodeDecodeError as err:
+        start = raw.rfind(b"\n", 0, err.start) + 1
+        return raw.count(b"\n", 0, err.start) + 1, err.start - start + 1, err.start
+
+
 def read_jsonl(path: Path) -> list[Record]:
-    """One JSON object per line; a malformed line becomes a Record carrying its BadRecord."""
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
+    """One JSON object per line; a malformed or non-UTF-8 line becomes a Record carrying its BadRecord."""
+    out, offset = [], 0
+    with open(path, "rb") as f:  # decoded line by line: one badly encoded line is one bad record
+        for number, raw in enumerate(f, 1):
+            start, offset = offset, offset + len(raw)
+            if not raw.strip():
                 continue
             where = f"{path}:{number}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                _, column, at = not_utf8(raw)
+                problem = f"line is not UTF-8 text (byte 0x{raw[at]:02x} at column {column}, byte offset {start + at})"
+                out.append(Record({}, where, BadRecord(where, None, problem, hint=f"{REENCODE}, or set "
+                                  "data.skip_bad=true (--skip_bad) to skip and count bad records")))
+                continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as err:
@@ -71,13 +98,17 @@ def read_jsonl(path: Path) -> list[Record]:
 
 
 def read_json_list(path: Path, text: str) -> list[Record]:
-    """A JSON array of objects; each record is named by the line its object starts on and its number."""
+    """A JSON array of objects; each record is named by the line its object starts on and its number.
+
+    One broken array spoils the whole file (there is no next record to go on to): a BadFile naming
+    line and column, which skip_bad cannot skip.
+    """
     try:
         data = json.loads(text)
-    except json.JSONDecodeError as err:  # one broken array spoils the whole file: nothing to skip to
-        raise BadRecord(f"{path}:{err.lineno}", None, f"file is not valid JSON ({err.msg})") from None
+    except json.JSONDecodeError as err:
+        raise BadFile(f"{path}:{err.lineno}:{err.colno}", f"file is not valid JSON ({err.msg})") from None
     if not isinstance(data, list):
-        raise BadRecord(f"{path}:1", None, "file is JSON but not a list of records")
+        raise BadFile(f"{path}:1", "file is JSON but not a list of records")
     decoder, space = json.JSONDecoder(), re.compile(r"[\s,]*")
     pos, line, counted, out = space.match(text, text.index("[") + 1).end(), 1, 0, []
     for number, row in enumerate(data, 1):
@@ -95,8 +126,16 @@ def read_records(path) -> list[Record]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
-    text = path.read_text(encoding="utf-8")
-    return read_json_list(path, text) if text.lstrip().startswith("[") else read_jsonl(path)
+    raw = path.read_bytes()
+    if not raw.lstrip().startswith(b"["):
+        return read_jsonl(path)
+    bad = not_utf8(raw)
+    if bad:
+        line, column, at = bad
+        raise BadFile(f"{path}:{line}:{column}", f"file is not UTF-8 text (byte 0x{raw[at]:02x} at byte offset {at})",
+                      hint=f"{REENCODE}, or convert it to JSONL (one record a line), where a bad record "
+                      "can be skipped on its own")
+    return read_json_list(path, raw.decode("utf-8"))
 
 
 # ---- the three places a dataset can be

@@ -7,16 +7,21 @@ prompt = every turn before the last assistant turn, chat-templated, with the gen
 answer = the last assistant turn's content plus what the template closes the turn with
          (`<|im_end|>\\n` in ChatML): exactly the tokens verl puts in the loss for that turn;
 total  = prompt + answer = the sequence verl trains on, which `max_length` bounds (with
-         `truncation: error` an over-long sample stops training).
+         `truncation: error` an over-long sample stops training), counted turn by turn as verl does.
+`check_lengths` holds a ready SFT parquet to max_length; `data_prep.prepare(..., tokenizer=, max_length=)`
+checks the rows it writes.
 The file is an SFT parquet (`messages`), or a raw JSON/JSONL: GSM8K (question/answer) and MATH
 (problem/solution) rows in their dataset's own template, anything else in a user format.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from data_prep.errors import SHOWN
 
 PERCENTILES = (50, 90, 95, 99, 99.5)
 
@@ -43,20 +48,92 @@ def conversations(path) -> list[list[dict]]:
     return out
 
 
-def lengths(convs: list[list[dict]], tokenizer) -> dict[str, np.ndarray]:
-    prompts = [tokenizer.apply_chat_template(c[:-1], add_generation_prompt=True, tokenize=False) for c in convs]
-    fulls = [tokenizer.apply_chat_template(c, tokenize=False) for c in convs]
-    prompt, total = (np.array([len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]])
-                     for texts in (prompts, fulls))
-    return {"prompt": prompt, "answer": total - prompt, "total": total}
+def load_tokenizer(tokenizer):
+    """A tokenizer as it is, or loaded from a model folder or hub id; it must have a chat template."""
+    if isinstance(tokenizer, (str, os.PathLike)):
+        from transformers import AutoTokenizer
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(tokenizer))
+        except OSError as err:  # no such folder, offline hub, no tokenizer files: say which tokenizer
+            raise ValueError(f"tokenizer {tokenizer}: could not load it ({err})") from None
+    if not tokenizer.chat_template:
+        raise ValueError(f"{tokenizer.name_or_path}: the tokenizer has no chat template, so verl cannot build "
+                         "SFT samples")
+    return tokenizer
+
+
+def render_alone(tokenizer, message: dict, kwargs: dict) -> str:
+    """One turn as verl's apply_chat_template renders it: alone, or after an empty user turn that is cut
+    off again for templates that refuse a conversation without one (Qwen3.5)."""
+    try:
+        return tokenizer.apply_chat_template([message], tokenize=False, add_generation_prompt=False, **kwargs)
+    except Exception:
+        dummy = [{"role": "user", "content": [{"type": "text", "text": ""}]}]
+        prefix = tokenizer.apply_chat_template(dummy, tokenize=False, add_generation_prompt=False, **kwargs)
+        full = tokenizer.apply_chat_template(dummy + [message], tokenize=False, add_generation_prompt=False, **kwargs)
+        return full[len(prefix):]
+
+
+def lengths(convs: list[list[dict]], tokenizer, chat_template_kwargs: dict | None = None) -> dict[str, np.ndarray]:
+    """{prompt, answer, total} token counts per conversation, counted as verl's MultiTurnSFTDataset does.
+
+    verl tokenizes each turn alone with the chat template and concatenates the pieces, cutting the
+    template's default system prompt off every turn but the first (and off no system turn); the
+    sequence it checks against max_length is that concatenation. Here every turn is rendered in one
+    batched call and all turns are tokenized in one batch.
+    """
+    if not convs:
+        return {key: np.zeros(0, dtype=np.int64) for key in ("prompt", "answer", "total")}
+    kwargs = dict(chat_template_kwargs or {})
+    turns = [[m] for conv in convs for m in conv]
+    try:
+        texts = tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=False, **kwargs)
+    except Exception:  # some turn needs verl's fallback: render them one by one
+        texts = [render_alone(tokenizer, t[0], kwargs) for t in turns]
+    ids = tokenizer(texts, add_special_tokens=False, return_attention_mask=False, return_token_type_ids=False)
+    counts = iter(len(one) for one in ids["input_ids"])
+
+    def count(msgs, generation_prompt=False):
+        text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=generation_prompt, **kwargs)
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    # verl's extract_system_prompt_and_generation: the system prompt is what one empty user turn has
+    # beyond the second; the generation prompt, what add_generation_prompt appends
+    empty = [{"role": "user", "content": ""}]
+    one, two = count(empty), count(empty * 2)
+    system, generation = (max(2 * one - two, 0) if two > one else 0), count(empty, True) - one
+    total, answer = np.zeros(len(convs), dtype=np.int64), np.zeros(len(convs), dtype=np.int64)
+    for k, conv in enumerate(convs):
+        for i, m in enumerate(conv):
+            n = next(counts) - (system if i and m["role"] != "system" else 0)
+            total[k] += n
+        answer[k] = n - generation  # the last turn, the assistant's: what verl puts in the loss for it
+    return {"prompt": total - answer, "answer": answer, "total": total}
+
+
+def check_lengths(path, tokenizer, max_length: int, chat_template_kwargs: dict | None = None) -> int:
+    """A ready SFT parquet against max_length, as verl will count it; returns its longest sample.
+
+    A ValueError names the rows (0-based, in file order) over max_length: verl with `truncation: error`
+    would stop on the first of them after the model is built. Rows of a ready file cannot be skipped
+    here; data_prep drops them when it prepares the file from its source with skip_bad.
+    """
+    tok = load_tokenizer(tokenizer)
+    total = lengths(conversations(path), tok, chat_template_kwargs)["total"]
+    over = np.flatnonzero(total > max_length)
+    if len(over):
+        shown = ", ".join(f"row {i} ({total[i]} tokens)" for i in over[:SHOWN])
+        more = f" and {len(over) - SHOWN} more" if len(over) > SHOWN else ""
+        raise ValueError(f"{path}: {len(over)} of {len(total)} samples are longer than max_length={max_length} "
+                         f"with {tok.name_or_path}'s chat template: {shown}{more} (raise sft.max_length "
+                         "(--max_length), or prepare the file from its JSON/JSONL source with data.skip_bad=true "
+                         "(--skip_bad), which skips and counts such samples)")
+    return int(total.max()) if len(total) else 0
 
 
 def report(path, tokenizer_path, max_length: int) -> str:
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(tokenizer_path)
-    if not tok.chat_template:
-        raise ValueError(f"{tokenizer_path}: the tokenizer has no chat template, so verl cannot build SFT samples")
+    tok = load_tokenizer(tokenizer_path)
     lens = lengths(conversations(path), tok)
     n = len(lens["total"])
     head = f"{'tokens':<8}" + "".join(f"{'p' + format(p, 'g'):>8}" for p in PERCENTILES) + f"{'max':>8}"

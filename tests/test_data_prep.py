@@ -10,7 +10,8 @@ from hypothesis import strategies as st
 
 from data_prep import __main__ as cli
 from data_prep import prepare, problem, sources, subset, templates
-from data_prep.errors import BadRecord
+from data_prep.errors import BadFile, BadRecord
+from data_prep.stats import check_lengths
 
 GOOD = {"question": "Natalia sold 48 clips in April and half as many in May. How many in all?",
         "answer": "In May: 48/2 = <<48/2=24>>24\nIn all: 48+24 = <<48+24=72>>72\n#### 72"}
@@ -284,11 +285,54 @@ def test_user_bad_records_name_file_line_field(tmp_path, rec, message, container
     assert json.loads((tmp_path / "skip" / "prep.json").read_text())["skipped_bad"] == 1
 
 
-def test_user_broken_json_file(tmp_path):
-    path = tmp_path / "mine.json"
-    path.write_text('[\n  {"prompt": "a", "response": "b"},\n  {"prompt": "a" "response": "b"}\n]\n')
-    with pytest.raises(BadRecord, match="mine.json:3: file is not valid JSON"):
+# ---- files that are not UTF-8: a bad line of JSONL is one bad record; a JSON array is one document
+CAFE = {"prompt": "Un caf\u00e9 ?", "response": "Oui."}  # written in latin1 below: é is the byte 0xe9
+
+
+def test_non_utf8_jsonl_line_is_a_bad_record(tmp_path, capsys):
+    good = json.dumps(USER_FORMATS["prompt-response"]).encode() + b"\n"
+    bad = json.dumps(CAFE, ensure_ascii=False).encode("latin1") + b"\n"
+    path = tmp_path / "mine.jsonl"
+    path.write_bytes(good + bad + good)
+    column = bad.index(b"\xe9") + 1
+    with pytest.raises(BadRecord) as err:
         prepare({"dataset": "user", "train_file": str(path)}, tmp_path / "o")
+    assert str(err.value).startswith(f"{path}:2: line is not UTF-8 text (byte 0xe9 at column {column}, "
+                                     f"byte offset {len(good) + column - 1}) (re-encode the file as UTF-8")
+    assert "--skip_bad" in str(err.value)
+    assert cli.main(["user", str(path), "--out", str(tmp_path / "cli")]) == 2
+    assert f"{path}:2: line is not UTF-8 text" in capsys.readouterr().err
+    assert cli.main(["user", str(path), "--skip_bad", "--out", str(tmp_path / "skip")]) == 0
+    assert f"[data_prep] skipped {path}:2: line is not UTF-8 text" in capsys.readouterr().out
+    assert len(pd.read_parquet(tmp_path / "skip" / "sft_train.parquet")) == 2
+    summary = json.loads((tmp_path / "skip" / "prep.json").read_text())
+    assert summary["skipped_bad"] == 1 and summary["skipped_reasons"][0].startswith(f"{path}:2: line is not UTF-8")
+    train = write_split(tmp_path / "src", [GOOD])  # GSM8K's own files are read the same way
+    with open(train / "train.jsonl", "ab") as f:
+        f.write(json.dumps(dict(GOOD, question="Caf\u00e9?"), ensure_ascii=False).encode("latin1") + b"\n")
+    with pytest.raises(BadRecord, match=re.escape(f"{train / 'train.jsonl'}:2: line is not UTF-8 text (byte 0xe9")):
+        prepare(cfg(train), tmp_path / "g")
+    prepare(cfg(train, skip_bad=True), tmp_path / "g2")
+    assert json.loads((tmp_path / "g2" / "prep.json").read_text())["skipped_bad"] == 1
+
+
+def test_broken_json_array_is_a_file_error_skip_bad_cannot_skip(tmp_path):
+    broken = tmp_path / "broken.json"
+    broken.write_text('[\n  {"prompt": "a", "response": "b"},\n  {"prompt": "a" "response": "b"}\n]\n')
+    latin = tmp_path / "latin.json"
+    raw = json.dumps([USER_FORMATS["prompt-response"], CAFE], indent=2, ensure_ascii=False).encode("latin1")
+    latin.write_bytes(raw)
+    at = raw.index(b"\xe9")
+    line, column = raw.count(b"\n", 0, at) + 1, at - raw.rfind(b"\n", 0, at)
+    for path, problem in ((broken, "3:18: file is not valid JSON (Expecting ',' delimiter)"),
+                          (latin, f"{line}:{column}: file is not UTF-8 text (byte 0xe9 at byte offset {at})")):
+        for skip_bad in (False, True):
+            with pytest.raises(BadFile) as err:
+                prepare({"dataset": "user", "train_file": str(path), "skip_bad": skip_bad}, tmp_path / "o")
+            message = str(err.value)
+            assert message.startswith(f"{path}:{problem}") and "convert it to JSONL" in message
+            assert "skip_bad" not in message  # it cannot help: there is no next record to skip to
+    assert "re-encode the file as UTF-8" in message
 
 
 def test_user_val_and_cli(tmp_path, capsys):
@@ -497,3 +541,128 @@ def test_stats_on_parquet_and_raw_jsonl(gsm8k_dir, tiny_model, tmp_path, capsys)
     assert "3 samples" in out and "0 samples (0.00%) exceed max_length=100000" in out
     assert cli.main(["stats", files["rl_train"], "--tokenizer", str(tiny_model)]) == 2
     assert "no 'messages' column" in capsys.readouterr().err
+
+
+# ---- samples longer than max_length, found while preparing (verl would stop on them mid-launch)
+@pytest.fixture(scope="module")
+def system_tokenizer(tiny_model, tmp_path_factory):
+    """The tiny model's tokenizer (trained in the session by tests.tiny.build_tokenizer) with a template
+    that adds a default system prompt, as Qwen2.5's do: verl cuts that prompt off every turn but the
+    first, so a count that forgets to is too long."""
+    from transformers import AutoTokenizer
+
+    from tests.tiny import CHATML
+
+    folder = tmp_path_factory.mktemp("system_tok")
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    tok.chat_template = CHATML_WITH_SYSTEM + CHATML
+    tok.save_pretrained(folder)
+    return folder
+
+
+def verl_lengths(path, tokenizer_dir, max_length=10**6):
+    """len(input_ids) of every row as verl's MultiTurnSFTDataset builds it (truncation: error)."""
+    from omegaconf import OmegaConf
+    from transformers import AutoTokenizer
+    from verl.utils.dataset.multiturn_sft_dataset import MultiTurnSFTDataset
+
+    config = OmegaConf.create({"max_length": max_length, "truncation": "error", "pad_mode": "no_padding"})
+    ds = MultiTurnSFTDataset(parquet_files=str(path), tokenizer=AutoTokenizer.from_pretrained(tokenizer_dir),
+                             config=config)
+    return ds, [len(ds[i]["input_ids"]) for i in range(len(ds))] if max_length == 10**6 else None
+
+
+def test_over_long_user_sample_counted_as_verl_does(tmp_path, system_tokenizer, capsys):
+    """At max_length = verl's own length of the long sample it passes; one less, it stops preparation
+    naming file:line (verl agrees: its dataset refuses the same row), or with skip_bad is counted."""
+    long = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Count."},
+                         {"role": "assistant", "content": "1 2"}, {"role": "user", "content": "Go on, longer."},
+                         {"role": "assistant", "content": " ".join(str(i) for i in range(3, 2000))}]}
+    path = tmp_path / "mine.jsonl"
+    path.write_text(jsonl([USER_FORMATS["sharegpt"], long, USER_FORMATS["alpaca"]]))
+    data, out = {"dataset": "user", "train_file": str(path)}, tmp_path / "out"
+    plain = prepare(data, out)
+    _, lens = verl_lengths(plain["sft_train"], system_tokenizer)
+    n = lens[1]
+    assert n == max(lens) > 2000 and json.loads((out / "prep.json").read_text())["length_check"] is None
+
+    tok = str(system_tokenizer)
+    assert len(pd.read_parquet(prepare(data, out, tokenizer=tok, max_length=n)["sft_train"])) == 3
+    assert json.loads((out / "prep.json").read_text())["length_check"] == \
+        {"tokenizer": tok, "max_length": n, "chat_template_kwargs": {}}
+    with pytest.raises(BadRecord) as err:
+        prepare(data, out, tokenizer=tok, max_length=n - 1)
+    assert str(err.value).startswith(f"{path}:2: sample is {n} tokens with {tok}'s chat template, longer than "
+                                     f"max_length={n - 1} (1 of the 3 samples of sft_train are) (raise "
+                                     "sft.max_length (--max_length), or set data.skip_bad=true (--skip_bad)")
+    ds, _ = verl_lengths(plain["sft_train"], system_tokenizer, max_length=n - 1)
+    with pytest.raises(ValueError, match=f"sequence_length={n} is larger than self.max_length={n - 1}"):
+        ds[1]
+
+    files = prepare(dict(data, skip_bad=True), out, tokenizer=tok, max_length=n - 1)  # same folder, new limit
+    kept = pd.read_parquet(files["sft_train"])
+    assert [dict(e)["index"] for e in kept["extra_info"]] == [0, 2]
+    summary = json.loads((out / "prep.json").read_text())
+    assert (summary["skipped_bad"], summary["skipped_over_length"], summary["length_check"]["max_length"]) == \
+        (1, 1, n - 1)
+    assert summary["skipped_reasons"] == [str(err.value).split(" (raise")[0]]
+    assert "skipped 1 bad record(s) (1 longer than max_length)" in capsys.readouterr().out
+    with pytest.raises(ValueError, match=f"every sample of sft_train is longer than max_length=5 \\(the longest: {n} "):
+        prepare(dict(data, skip_bad=True), out, tokenizer=tok, max_length=5)  # skipping all would leave no file
+    prepare(data, out)  # the check off again: every row back, and prep.json says no check ran
+    assert len(pd.read_parquet(files["sft_train"])) == 3
+    assert json.loads((out / "prep.json").read_text())["length_check"] is None
+
+    # a ready parquet (data.train_file) is checked as it is: its rows are named by position
+    assert check_lengths(plain["sft_train"], tok, n) == n
+    over = f"sft_train.parquet: 1 of 3 samples are longer than max_length={n - 1} with {tok}'s chat template: row 1"
+    with pytest.raises(ValueError, match=re.escape(f"{over} ({n} tokens)")):
+        check_lengths(plain["sft_train"], tok, n - 1)
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_over_long_builtin_rows_name_their_line_and_keep_the_subset(tmp_path, system_tokenizer, monkeypatch, split):
+    """GSM8K rows: the error names train.jsonl's line (or the hub's split and row), whether the row was
+    drawn into train or val; with skip_bad the subsets and the RL files are those of an unchecked run,
+    the SFT files lack only that row; sft_test (which verl's SFT does not read) is not checked."""
+    rows = numbered(12)
+    rows[5] = {"question": "What is 5 + 0? " + "Think about it. " * 200, "answer": "5 + 0 = 5\n#### 5"}
+    src = write_split(tmp_path / "src", rows, [GOOD, rows[5]])
+    seed = next(s for s in range(100) if (5 in subset(12, None, 3, s)[1]) == (split == "val"))
+    data, tok = cfg(src, val_size=3, seed=seed), str(system_tokenizer)
+    plain = prepare(data, tmp_path / "plain")
+    assert 5 in [dict(e)["index"] for e in pd.read_parquet(plain[f"sft_{split}"])["extra_info"]]
+    with pytest.raises(BadRecord, match=re.escape(f"{src / 'train.jsonl'}:6: sample is ")):
+        prepare(data, tmp_path / "strict", tokenizer=tok, max_length=400)
+    files = prepare(dict(data, skip_bad=True), tmp_path / "skip", tokenizer=tok, max_length=400)
+    for name in ("rl_train", "rl_val", "rl_test", "sft_test"):
+        assert pd.read_parquet(files[name]).equals(pd.read_parquet(plain[name])), name
+    for name in ("sft_train", "sft_val"):
+        before = [dict(e)["index"] for e in pd.read_parquet(plain[name])["extra_info"]]
+        after = [dict(e)["index"] for e in pd.read_parquet(files[name])["extra_info"]]
+        assert after == [i for i in before if i != 5], name
+    summary = json.loads((tmp_path / "skip" / "prep.json").read_text())
+    assert summary["skipped_over_length"] == 1 and summary["counts"]["rl_train"] == 9
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    import datasets
+
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, config=None, split=None: [GOOD, rows[5], GOOD])
+    with pytest.raises(BadRecord, match=re.escape("hub:openai/gsm8k/train:row 1: sample is ")):
+        prepare({"dataset": "gsm8k", "source": "hub"}, tmp_path / "hub", tokenizer=tok, max_length=400)
+
+
+def test_cli_length_check(tmp_path, system_tokenizer, capsys):
+    path = tmp_path / "mine.jsonl"
+    path.write_text(jsonl([USER_FORMATS["prompt-response"], {"prompt": "Count.", "response": "1 2 " * 500}]))
+    args = ["user", str(path), "--tokenizer", str(system_tokenizer), "--out", str(tmp_path / "o")]
+    assert cli.main(args + ["--max_length", "100"]) == 2
+    assert f"{path}:2: sample is " in capsys.readouterr().err
+    assert cli.main(args + ["--max_length", "100", "--skip_bad"]) == 0
+    assert json.loads((tmp_path / "o" / "prep.json").read_text())["skipped_over_length"] == 1
+    assert cli.main(args) == 2
+    assert "needs a tokenizer and max_length together" in capsys.readouterr().err
+    assert cli.main(["user", str(path), "--tokenizer", str(tmp_path / "nowhere"), "--max_length", "9",
+                     "--out", str(tmp_path / "o")]) == 2
+    assert f"tokenizer {tmp_path / 'nowhere'}: could not load it" in capsys.readouterr().err
