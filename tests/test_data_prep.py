@@ -546,12 +546,12 @@ def test_stats_on_parquet_and_raw_jsonl(gsm8k_dir, tiny_model, tmp_path, capsys)
 # ---- samples longer than max_length, found while preparing (verl would stop on them mid-launch)
 @pytest.fixture(scope="module")
 def system_tokenizer(tiny_model, tmp_path_factory):
-    """The tiny model's tokenizer (trained in the session by tests.tiny.build_tokenizer) with a template
+    """The tiny model's tokenizer (trained in the session by stages.tiny_model.build_tokenizer) with a template
     that adds a default system prompt, as Qwen2.5's do: verl cuts that prompt off every turn but the
     first, so a count that forgets to is too long."""
     from transformers import AutoTokenizer
 
-    from tests.tiny import CHATML
+    from stages.tiny_model import CHATML
 
     folder = tmp_path_factory.mktemp("system_tok")
     tok = AutoTokenizer.from_pretrained(tiny_model)
