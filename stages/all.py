@@ -9,6 +9,10 @@ folder (`model.init=outputs/<run>/<stage>`), exactly as if the stages were run o
 stage whose manifest says `done` is skipped, so rerunning the same command resumes at the first unfinished
 stage (and inside it, from its last checkpoint or round). Without --run_name the run is named after the
 model (no timestamp), so the rerun finds it.
+Every rung is measured on the same test set with the eval stage (eval.*): the starting model
+(`base/eval`), the SFT export (`sft/eval`), EI's last round (its own eval) and GRPO's export (the closing
+`eval`). report.md opens with the chain: one table (stage, strict, lenient, format, truncation, mean
+length, wall time) and one plot of accuracy across stages and GRPO's validation steps.
 Flags such as --lr or --batch_size set the SFT stage; set other stages with their keys (ei.rounds=2,
 grpo.lr=1e-6, grpo.verl.trainer.test_freq=10); a bare verl key is refused as ambiguous.
 `ei.rounds=0` skips expert iteration.
@@ -16,11 +20,13 @@ grpo.lr=1e-6, grpo.verl.trainer.test_freq=10); a bare verl key is refused as amb
 from __future__ import annotations
 
 import copy
+import json
+import time
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from stages import chain, registry
+from stages import chain, registry, report
 from stages.config import stage_dir
 
 
@@ -40,25 +46,120 @@ def run(cfg) -> int:
     from data_prep import prepare
 
     prepare(cfg.data, run_dir / "data")  # once, for every stage (each would otherwise check it again)
+    rc = rung_eval(cfg, run_dir, "base", cfg.model.init or cfg.model.path)
+    if rc:
+        return rc
     previous = None
     for stage in stages:
         folder = run_dir / stage
         if chain.is_done(folder):
             print(f"[all] {stage}: done earlier ({folder / 'manifest.json'})", flush=True)
-            previous = stage
-            continue
-        stage_cfg = copy.deepcopy(cfg)
-        if stage == "grpo":
-            stage_cfg.grpo.final_eval = False  # the chain's own eval stage follows
-        if stage == "eval":
-            stage_cfg.eval.output_dir = str(folder)
-        if previous:
-            stage_cfg.model.init = str(run_dir / previous)
-        print(f"[all] {stage}: from {stage_cfg.model.init or stage_cfg.model.path}", flush=True)
-        rc = registry.run(stage_cfg, stage)
-        if rc:
-            print(f"[all] {stage} failed ({rc}); rerun the same command to resume at {stage}")
-            return rc
+        else:
+            stage_cfg = copy.deepcopy(cfg)
+            if stage == "grpo":
+                stage_cfg.grpo.final_eval = False  # the chain's own eval stage follows
+            if stage == "eval":
+                stage_cfg.eval.output_dir = str(folder)
+            if previous:
+                stage_cfg.model.init = str(run_dir / previous)
+            print(f"[all] {stage}: from {stage_cfg.model.init or stage_cfg.model.path}", flush=True)
+            t0 = time.time()
+            rc = registry.run(stage_cfg, stage)
+            add_seconds(run_dir, stage, time.time() - t0)
+            if rc:
+                print(f"[all] {stage} failed ({rc}); rerun the same command to resume at {stage}")
+                return rc
+        if stage == "sft":  # EI evaluates its rounds, and the closing eval stage is GRPO's
+            rc = rung_eval(cfg, run_dir, "sft", str(folder))
+            if rc:
+                return rc
         previous = stage
+    chain_report(run_dir)
     print(f"[all] done: {run_dir / 'report.md'}")
     return 0
+
+
+# ---- the ladder at a glance
+def rung_eval(cfg, run_dir: Path, rung: str, model: str) -> int:
+    """The eval stage on `model` into run_dir/<rung>/eval, unless it is there already."""
+    out = run_dir / rung / "eval"
+    if (out / "metrics.json").exists():
+        return 0
+    eval_cfg = copy.deepcopy(cfg)
+    eval_cfg.model.init, eval_cfg.eval.output_dir = str(model), str(out)
+    print(f"[all] evaluating {rung}: {model}", flush=True)
+    t0 = time.time()
+    rc = registry.run(eval_cfg, "eval")
+    add_seconds(run_dir, f"{rung}-eval", time.time() - t0)
+    return rc
+
+
+def add_seconds(run_dir: Path, key: str, seconds: float) -> None:
+    """Wall time per stage over every attempt (a resumed stage adds to what it had), in run_dir/chain.json."""
+    path = run_dir / "chain.json"
+    times = json.loads(path.read_text()) if path.exists() else {}
+    times[key] = round(times.get(key, 0.0) + seconds, 1)
+    path.write_text(json.dumps(times, indent=2) + "\n")
+
+
+def rungs(run_dir: Path) -> list[tuple[str, Path]]:
+    """(rung, its eval metrics.json) in ladder order, for the rungs that have one."""
+    found = [("base", run_dir / "base" / "eval"), ("sft", run_dir / "sft" / "eval")]
+    rounds = sorted((run_dir / "ei").glob("round_*"), key=lambda p: int(p.name.split("_")[1]))
+    found += [(f"ei {r.name.replace('_', ' ')}", r / "eval") for r in rounds]
+    found.append(("grpo", run_dir / "eval"))
+    return [(name, folder / "metrics.json") for name, folder in found if (folder / "metrics.json").exists()]
+
+
+def chain_report(run_dir: Path) -> Path:
+    """report.md's opening section: every rung on the same test set, and accuracy across stages and steps."""
+    from stages import grpo_report
+
+    times = json.loads((run_dir / "chain.json").read_text()) if (run_dir / "chain.json").exists() else {}
+    found = rungs(run_dir)
+    last_ei = [name for name, _ in found if name.startswith("ei")][-1:]
+    spent = {"base": ("base-eval",), "sft": ("sft", "sft-eval"), "grpo": ("grpo", "eval")}
+    rows, points = [], []
+    for name, path in found:
+        m = json.loads(path.read_text())
+        keys = spent.get(name, ("ei",) if [name] == last_ei else ())  # EI's time is the stage's, on its last round
+        seconds = sum(times.get(k, 0.0) for k in keys)
+        rows.append([name, m["accuracy"], m["lenient_accuracy"], m["format_accuracy"], m["trunc_rate"],
+                     m["avg_gen_len"], round(seconds) if keys else "", m["n"]])
+        points.append((name, m["accuracy"]))
+    curve = [r for r in grpo_report.curve(run_dir / "grpo") if r.get("val_acc") is not None] \
+        if (run_dir / "grpo" / "logs").exists() else []
+    figure = plot_ladder(points, curve, run_dir / "report" / "figures" / "ladder.png")
+    table = report.table(["stage", "strict", "lenient", "format", "truncated", "mean length", "wall s", "n"], rows)
+    text = (f"Every rung greedy on the same test set (eval stage; `<rung>/eval/metrics.json`).\n\n{table}\n\n"
+            "`wall s`: the stage's training plus its evaluation, over every attempt (`chain.json`). The plot adds "
+            "GRPO's validation accuracy (verl's greedy validation on the same test set) at each validation step.")
+    return report.add_section(run_dir, "chain", "The ladder", text, [figure] if figure else [], order=5)
+
+
+def plot_ladder(points: list[tuple[str, float]], curve: list[dict], path: Path) -> Path | None:
+    """Strict accuracy per rung, with GRPO's validation steps between EI and GRPO's final export."""
+    if not points:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(6.5, 3.6), dpi=110)
+    xs = list(range(len(points)))
+    ax.plot(xs, [a for _, a in points], marker="o", label="eval stage (test set)")
+    if curve and len(points) >= 2:
+        last = max(r["step"] for r in curve) or 1
+        # GRPO's steps spread between the rung before it and its own final point
+        ax.plot([xs[-2] + r["step"] / last for r in curve], [r["val_acc"] for r in curve], marker=".",
+                linestyle="--", label="GRPO validation by step")
+    ax.set_xticks(xs, [n for n, _ in points])
+    ax.set(ylabel="strict accuracy", title="accuracy up the ladder")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path

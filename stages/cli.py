@@ -1,7 +1,8 @@
 """`./train.sh` / `python -m stages`: flags and environment variables, turned into config.yaml overrides.
 
 FLAGS is the one table of flag ↔ environment variable ↔ config key ↔ help. A flag's environment variable
-stands in for the flag when the flag is not given; `key=value` arguments come last and win over both. `{stage}` in a key is the running stage's section for such flags
+stands in for the flag when the flag is not given; `key=value` arguments come last and win over both. A
+`--recipe` file's settings come first, so everything else wins over them. `{stage}` in a key is the running stage's section for such flags
 (stages/registry.py: sft for sft/ei/all/..., grpo for grpo).
 
     parse(["--lr", "2e-5"], {"N_GPUS": "8"})  ->  ("sft", ["launch.n_gpus=8", "sft.lr=2e-5"])
@@ -29,6 +30,7 @@ class Flag:
 
 FLAGS = (
     Flag("init", "model.init", None, "warm start: a run/stage folder, manifest, verl global_step_N folder or HF model"),
+    Flag("recipe", "run.recipe", "RECIPE", "a YAML file of config.yaml settings (recipes/): under every flag and key=value"),
     Flag("dry_run", "run.dry_run", None, "print the command and resolved config, run nothing", switch="true"),
     Flag("model", "model.path", "MODEL_PATH", "HF model id or folder"),
     Flag("tokenizer", "model.tokenizer_path", "TOKENIZER_PATH", "tokenizer, if not the model's"),
@@ -79,6 +81,7 @@ FLAGS = (
     Flag("all_checkpoints", "eval.all_checkpoints", None, "evaluate every saved checkpoint", switch="true"),
     Flag("rounds", "ei.rounds", None, "expert-iteration rounds"),
     Flag("samples", "ei.samples", None, "expert-iteration samples per question"),
+    Flag("questions", "ei.questions", None, "expert-iteration questions per round (a seeded subset)"),
     Flag("rollout", "grpo.rollout", None, "auto | vllm | hf"),
 )
 SWEEP_KEYS = {"train_size": "sweep.train_sizes", "lr": "sweep.lrs"}  # comma lists, read by stages/sweep.py
@@ -146,4 +149,22 @@ def parse(argv: list[str], environ=None) -> tuple[str, list[str]]:
         if (" " in value or "," in value and key in SWEEP_KEYS.values()) and value[0] not in "'\"":
             value = f"'{value}'"
         overrides.append(f"{key}={value}")
-    return stage, overrides + list(args.overrides)
+    recipe = next((o.split("=", 1)[1].strip("'") for o in overrides if o.startswith("run.recipe=")), None)
+    return stage, (recipe_overrides(recipe) if recipe else []) + overrides + list(args.overrides)
+
+
+def recipe_overrides(path: str) -> list[str]:
+    """A recipe file's settings as overrides, placed before everything the user sets (so theirs win)."""
+    from omegaconf import OmegaConf
+
+    from stages.config import flatten
+
+    if not os.path.isfile(path):
+        raise SystemExit(f"ladder: --recipe {path}: no such file")
+    try:
+        recipe = OmegaConf.load(path)
+    except Exception as err:  # a YAML syntax error names its line and column
+        raise SystemExit(f"ladder: --recipe {path}: not YAML ({err})") from None
+    if not isinstance(recipe, type(OmegaConf.create({}))):
+        raise SystemExit(f"ladder: --recipe {path}: expected a mapping of config.yaml sections")
+    return flatten(recipe)

@@ -17,6 +17,8 @@ CONFIG = REPO / "config.yaml"
 
 if not OmegaConf.has_resolver("if"):
     OmegaConf.register_new_resolver("if", lambda cond, a, b: a if cond else b)
+if not OmegaConf.has_resolver("sum"):
+    OmegaConf.register_new_resolver("sum", lambda *terms: sum(terms))
 
 
 def load_config(stage: str | None, overrides: list[str], config_path: Path = CONFIG) -> DictConfig:
@@ -42,9 +44,11 @@ def load_config(stage: str | None, overrides: list[str], config_path: Path = CON
                                  "has no verl block to pass it to")
             prefix = item[: len(item) - len(item.lstrip("+~"))]
             item = f"{prefix}{section}.verl.{item.lstrip('+~')}"
-            # a verl key that config.yaml does not list yet must be added, not overridden
-            if not prefix and OmegaConf.select(_raw(config_path), item.split("=", 1)[0]) is None:
-                item = "+" + item
+        # a verl key (bare, or spelled out as sft.verl.… in a recipe) that config.yaml does not list yet must be
+        # added, not overridden
+        key = item.split("=", 1)[0]
+        if key[0] not in "+~" and ".verl." in key and OmegaConf.select(_raw(config_path), key) is None:
+            item = "+" + item
         routed.append(item)
     with initialize_config_dir(config_dir=str(config_path.parent), version_base=None):
         cfg = compose(config_name=config_path.stem, overrides=routed)

@@ -5,9 +5,9 @@ fine-tune on them through the SFT stage, evaluate, repeat.
     N_GPUS=8 ./train.sh --stage ei --init outputs/<run>/sft data.train_size=2048     # SFT on 8 GPUs
 
 Each round r (outputs/<run>/ei/round_r/):
-  1. sample `ei.samples` completions per question from the current policy (vLLM when importable,
-     else the evaluation stage's transformers backend; `ei.temperature`, `ei.top_p`,
-     `ei.max_new_tokens`), on `data.train_size` training questions;
+  1. sample `ei.samples` completions per question from the current policy (stages/generate.py: vLLM
+     when importable, else transformers; `ei.temperature`, `ei.top_p`, `ei.max_new_tokens`), on
+     `ei.questions` of the training questions (a seeded subset; null = all of data.train_size's);
   2. grade each with rewards.compute_score; keep the strict-correct ones (`ei.keep: lenient` to
      keep lenient ones) that stopped on their own, drop identical completions, keep at most
      `ei.max_per_question` per question → kept.parquet (SFT rows);
@@ -39,8 +39,7 @@ def sample(cfg, policy: str, tok, prompts: list[list[int]], stops) -> list:
     gen_cfg = copy.deepcopy(cfg)
     gen_cfg.eval.max_new_tokens = cfg.ei.max_new_tokens
     sampling = {"temperature": float(cfg.ei.temperature), "top_p": float(cfg.ei.top_p)}
-    repeated = [p for p in prompts for _ in range(int(cfg.ei.samples))]
-    return generate.generate(gen_cfg, policy, tok, repeated, stops, sampling)[0]
+    return generate.generate(gen_cfg, policy, tok, prompts, stops, sampling, n=int(cfg.ei.samples))[0]
 
 
 def filter_samples(problems: pd.DataFrame, gens: list, k: int, keep: str, cap: int) -> tuple[list[dict], dict]:
@@ -69,6 +68,15 @@ def filter_samples(problems: pd.DataFrame, gens: list, k: int, keep: str, cap: i
     return rows, stats
 
 
+def questions(problems: pd.DataFrame, count, seed: int) -> pd.DataFrame:
+    """`ei.questions` of the training problems, a seeded subset (the same ones every round); null = all."""
+    if count is None or int(count) >= len(problems):
+        return problems
+    if int(count) <= 0:
+        raise SystemExit(f"[ei] ei.questions={count}: use a positive number, or null for every training question")
+    return problems.sample(n=int(count), random_state=seed).sort_index().reset_index(drop=True)
+
+
 def run(cfg) -> int:
     from data_prep import prepare
     from stages import report
@@ -77,7 +85,7 @@ def run(cfg) -> int:
     out = stage_dir(cfg, "ei")
     initial = resolve_init(str(cfg.model.init or cfg.model.path))
     files = prepare(cfg.data, stage_dir(cfg, "data"))
-    problems = pd.read_parquet(files["rl_train"])
+    problems = questions(pd.read_parquet(files["rl_train"]), cfg.ei.questions, int(cfg.data.seed))
     stops = generate.stops_of(generate.template_of(problems))
     tok = generate.load_tokenizer(initial)
     prompts = generate.prompt_ids(tok, problems["prompt"])

@@ -6,16 +6,25 @@
     gens, seconds = generate(cfg, model, tok, ids, stops, {"temperature": 1.0, "top_p": 1.0})   # sampled
 
 Both backends take the same prompt token ids and return `Generation`s in prompt order: `vllm` (`backend(cfg)`
-auto: when vllm imports and a GPU is present) or `hf` (transformers generate: batched longest-first, left
+auto: when vllm imports and a GPU is present; run in a child process so its GPU memory is freed after; its
+max_model_len is the longest prompt + eval.max_new_tokens unless eval.max_model_len is set; eager mode by
+default, eval.enforce_eager: false captures CUDA graphs) or `hf` (transformers generate: batched longest-first, left
 padding, KV cache; eval.batch_size null starts at 256 on GPU and halves on CUDA OOM). Both stop at the
 template's stop strings (r1: `</answer>`, kept so the grader sees it), EOS or eval.max_new_tokens.
 """
 from __future__ import annotations
 
-import gc
 import importlib.util
+import json
+import os
+import subprocess
+import sys
+import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
+
+from stages.config import REPO
 
 
 class GenerationError(SystemExit):
@@ -85,23 +94,47 @@ def first_stop(text: str, stops) -> int | None:
     return min(ends) if ends else None
 
 
-def vllm_generate(model: str, prompts: list[list[int]], cfg, stops, sampling: dict | None = None
+def vllm_generate(model: str, prompts: list[list[int]], cfg, stops, sampling: dict | None = None, n: int = 1
                   ) -> tuple[list[Generation], float]:
-    """Greedy unless `sampling` ({temperature, top_p}) is given (expert iteration samples)."""
+    """vLLM, greedy unless `sampling` ({temperature, top_p}); `n` samples per prompt (vLLM's own `n`, one
+    request each, so the samples differ). The engine runs in a child process (`python -m stages.generate`):
+    its GPU memory is free again when this returns, so a training stage can follow in the same run (EI,
+    `--stage all`). Returns the Generations (prompt i's at i*n … i*n+n-1) and the generation seconds."""
+    e = cfg.eval
+    longest = max(map(len, prompts)) + int(e.max_new_tokens)
+    job = {"model": model, "prompts": prompts,
+           "engine": {"max_model_len": int(e.max_model_len or longest), "dtype": str(e.dtype),
+                      "gpu_memory_utilization": float(e.gpu_memory_utilization), "seed": int(cfg.run.seed),
+                      "tensor_parallel_size": int(e.tensor_parallel_size), "enforce_eager": bool(e.enforce_eager)},
+           "sampling": {"n": int(n), "temperature": 0.0, "max_tokens": int(e.max_new_tokens), "stop": list(stops),
+                        "include_stop_str_in_output": True, **(sampling or {})}}
+    if longest > job["engine"]["max_model_len"]:
+        raise GenerationError(f"longest prompt ({longest - int(e.max_new_tokens)} tokens) + eval.max_new_tokens "
+                              f"({e.max_new_tokens}) > eval.max_model_len ({e.max_model_len}); raise it or leave it null")
+    with tempfile.TemporaryDirectory(prefix="ladder-vllm-") as tmp:
+        (Path(tmp) / "job.json").write_text(json.dumps(job))
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+        done = subprocess.run([sys.executable, "-m", "stages.generate", tmp], env=env, cwd=REPO)
+        if done.returncode or not (Path(tmp) / "out.json").exists():
+            raise GenerationError(f"vLLM exited with {done.returncode} generating with {model} (its log is above); "
+                                  "--backend hf generates without it")
+        out = json.loads((Path(tmp) / "out.json").read_text())
+    return [Generation(text[: first_stop(text, stops)], "length" if reason == "length" else "stop", tokens)
+            for text, reason, tokens in out["rows"]], out["seconds"]
+
+
+def _vllm_child(folder: Path) -> None:
+    """The child process of vllm_generate: folder/job.json in, folder/out.json out."""
     from vllm import LLM, SamplingParams
 
-    e = cfg.eval
-    llm = LLM(model=model, max_model_len=int(e.max_model_len), gpu_memory_utilization=float(e.gpu_memory_utilization),
-              tensor_parallel_size=int(e.tensor_parallel_size), dtype=str(e.dtype), seed=int(cfg.run.seed))
-    params = SamplingParams(**{"temperature": 0, "max_tokens": int(e.max_new_tokens), "stop": list(stops),
-                               "include_stop_str_in_output": True, "seed": int(cfg.run.seed), **(sampling or {})})
+    job = json.loads((folder / "job.json").read_text())
+    llm = LLM(model=job["model"], **job["engine"])
     t0 = time.time()
-    outs = [o.outputs[0] for o in llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=True)]
+    outs = llm.generate([{"prompt_token_ids": p} for p in job["prompts"]], SamplingParams(**job["sampling"]),
+                        use_tqdm=True)
     seconds = time.time() - t0
-    del llm
-    gc.collect()  # --all_checkpoints builds one engine per step: let the last one's memory go
-    return [Generation(o.text[: first_stop(o.text, stops)], "length" if o.finish_reason == "length" else "stop",
-                       len(o.token_ids)) for o in outs], seconds
+    rows = [[o.text, o.finish_reason, len(o.token_ids)] for r in outs for o in r.outputs]
+    (folder / "out.json").write_text(json.dumps({"seconds": seconds, "rows": rows}))
 
 
 def cut(tok, ids: list[int], eos: set[int], stops) -> Generation:
@@ -119,14 +152,15 @@ def cut(tok, ids: list[int], eos: set[int], stops) -> Generation:
     return Generation(text[:cut], "stop", lo)
 
 
-def hf_generate(model: str, tok, prompts: list[list[int]], cfg, stops, sampling: dict | None = None
+def hf_generate(model: str, tok, prompts: list[list[int]], cfg, stops, sampling: dict | None = None, n: int = 1
                 ) -> tuple[list[Generation], float]:
-    """transformers generate, greedy unless `sampling` ({temperature, top_p}) is given; returns the
-    Generations in prompt order and the seconds spent."""
+    """transformers generate, greedy unless `sampling` ({temperature, top_p}) is given, `n` samples per prompt
+    (prompt i's at i*n … i*n+n-1); returns the Generations and the seconds spent."""
     import torch
     from tqdm import tqdm
     from transformers import AutoModelForCausalLM
 
+    prompts = [p for p in prompts for _ in range(int(n))]
     cuda = torch.cuda.is_available() and cfg.launch.device != "cpu"
     dtype = getattr(torch, str(cfg.eval.dtype)) if cuda else torch.float32
     net = AutoModelForCausalLM.from_pretrained(model, dtype=dtype).to("cuda" if cuda else "cpu").eval()
@@ -163,9 +197,13 @@ def hf_generate(model: str, tok, prompts: list[list[int]], cfg, stops, sampling:
     return out, time.time() - t0  # the model goes with this frame; the caching allocator keeps its memory
 
 
-def generate(cfg, model: str, tok, prompts: list[list[int]], stops, sampling: dict | None = None
+def generate(cfg, model: str, tok, prompts: list[list[int]], stops, sampling: dict | None = None, n: int = 1
              ) -> tuple[list[Generation], float]:
-    """`prompts` on backend(cfg): greedy unless `sampling` ({temperature, top_p}) is given."""
+    """`prompts` on backend(cfg): greedy unless `sampling` ({temperature, top_p}) is given; `n` per prompt."""
     if backend(cfg) == "vllm":
-        return vllm_generate(model, prompts, cfg, stops, sampling)
-    return hf_generate(model, tok, prompts, cfg, stops, sampling)
+        return vllm_generate(model, prompts, cfg, stops, sampling, n)
+    return hf_generate(model, tok, prompts, cfg, stops, sampling, n)
+
+
+if __name__ == "__main__":  # vllm_generate's child process
+    _vllm_child(Path(sys.argv[1]))

@@ -195,8 +195,9 @@ def run(cfg) -> int:
     write_manifest(out, status="running", **record)
     env = grpo_environment(cfg, out)
     # verl's TaskRunner, which logs, may run on another node, whose raylet's environment lacks these
+    # VLLM_* settings (VLLM_USE_FLASHINFER_SAMPLER=0 without flashinfer) must reach vLLM inside the Ray workers
     cmd += [f"+ray_kwargs.ray_init.runtime_env.env_vars.{key}={env[key]}"
-            for key in ("VERL_FILE_LOGGER_PATH", "TENSORBOARD_DIR")]
+            for key in ("VERL_FILE_LOGGER_PATH", "TENSORBOARD_DIR", *sorted(k for k in env if k.startswith("VLLM_")))]
     head = ray_cluster.start_head(cfg, env) if multinode else None
     if not head:  # one node: a Ray of its own, even where another job's cluster runs (ray.init would join it)
         env.setdefault("RAY_ADDRESS", "local")

@@ -79,3 +79,22 @@ def test_filter_caps_and_drops_truncated():
     rows, stats = ei.filter_samples(problems, gens, 4, "strict", cap=2)
     assert [r["messages"][1]["content"] for r in rows] == ["#### 5", "so #### 5"]
     assert stats["correct_samples"] == 4 and stats["kept"] == 2
+
+
+def test_sample_draws_k_per_question_with_eis_settings(tiny_model):
+    """ei.sample on the tiny model (transformers): K samples a question, ei.max_new_tokens long at most; at a
+    vanishing temperature a question's K samples are its greedy answer, at a high one they differ."""
+    from stages import generate
+    from stages.config import load_config
+
+    tok = generate.load_tokenizer(str(tiny_model))
+    questions = [[{"role": "user", "content": q}] for q in ("What is 2 + 2?", "Tom has 3 apples and buys 9 more.")]
+    prompts = generate.prompt_ids(tok, questions)
+    base = ["launch.device=cpu", "eval.backend=hf", "ei.samples=3", "ei.max_new_tokens=6", "eval.max_new_tokens=99"]
+    near_greedy = ei.sample(load_config("ei", [*base, "ei.temperature=1e-4"]), str(tiny_model), tok, prompts, ())
+    greedy = generate.generate(load_config("ei", base + ["eval.max_new_tokens=6"]), str(tiny_model), tok, prompts, ())[0]
+    assert [g.text for g in near_greedy] == [greedy[0].text] * 3 + [greedy[1].text] * 3
+    assert all(g.tokens <= 6 for g in near_greedy)  # ei.max_new_tokens, not eval's
+    hot = ei.sample(load_config("ei", [*base, "ei.temperature=5.0", "ei.max_new_tokens=12"]), str(tiny_model), tok,
+                    prompts, ())
+    assert len(hot) == 6 and len({g.text for g in hot[:3]}) == 3  # sampled: a question's samples differ

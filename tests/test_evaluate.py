@@ -1,10 +1,8 @@
 """Eval stage: the HF backend end to end on the tiny model, metrics pinned on hand-made completions,
 fail-fast checks, vLLM's parameters against a fake `vllm` module, checkpoint curves and the report."""
-import importlib.machinery
 import json
+import os
 import shutil
-import sys
-import types
 from pathlib import Path
 
 import pandas as pd
@@ -14,6 +12,7 @@ import torch
 from data_prep.templates import get as template
 from stages import evaluate, generate, report
 from stages.__main__ import main as stages_main
+from stages.config import load_config
 from stages.evaluate import METRICS, score
 from stages.generate import Generation
 
@@ -219,60 +218,96 @@ def test_fail_fast_on_a_missing_or_malformed_test_set(tiny_model, tmp_path):
                      f"eval.output_dir={tmp_path / 'eval'}"])
 
 
-# ---- vLLM: parameters, prompts and metrics against a fake module
-def fake_vllm(monkeypatch, completions: list[Generation]) -> dict:
-    seen: dict = {}
+# ---- vLLM against a fake module. It tests ladder's wiring (the arguments ladder passes, the child process,
+# how outputs come back in order), not vLLM: the real engine ran on the GPU host (docs/benchmarks.md).
+FAKE_VLLM = """
+import json, os, types
+folder = os.environ["LADDER_FAKE_VLLM"]
 
-    class LLM:
-        def __init__(self, **kw):
-            seen["llm"] = kw
+class SamplingParams:
+    def __init__(self, **kw):
+        self.kw = kw
 
-        def generate(self, prompts, params, use_tqdm=True):
-            seen["prompts"], seen["params"] = prompts, params.kw
-            return [types.SimpleNamespace(outputs=[types.SimpleNamespace(
-                text=g.text, token_ids=[0] * g.tokens, finish_reason=g.finish_reason)]) for g in completions]
+class LLM:
+    def __init__(self, **kw):
+        self.kw = kw
 
-    class SamplingParams:
-        def __init__(self, **kw):
-            self.kw = kw
+    def generate(self, prompts, params, use_tqdm=True):
+        script = iter(json.load(open(os.path.join(folder, "script.json"))))
+        json.dump({"llm": self.kw, "params": params.kw, "prompts": prompts}, open(os.path.join(folder, "seen.json"), "w"))
+        outs = []
+        for _ in prompts:
+            samples = [next(script) for _ in range(params.kw.get("n", 1))]
+            outs.append(types.SimpleNamespace(outputs=[types.SimpleNamespace(text=t, token_ids=[0] * k, finish_reason=r)
+                                                       for t, r, k in samples]))
+        return outs
+"""
 
-    module = types.ModuleType("vllm")
-    module.LLM, module.SamplingParams = LLM, SamplingParams
-    module.__spec__ = importlib.machinery.ModuleSpec("vllm", None)
-    monkeypatch.setitem(sys.modules, "vllm", module)
-    return seen
+
+def fake_vllm(monkeypatch, tmp_path, completions: list[Generation]):
+    """A `vllm` package on PYTHONPATH (the child process imports it) that answers `completions` in order;
+    returns a function reading what ladder passed it."""
+    root = tmp_path / "fake_vllm"
+    (root / "vllm").mkdir(parents=True)
+    (root / "vllm" / "__init__.py").write_text(FAKE_VLLM)
+    (root / "script.json").write_text(json.dumps([[g.text, g.finish_reason, g.tokens] for g in completions]))
+    monkeypatch.setenv("LADDER_FAKE_VLLM", str(root))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.syspath_prepend(str(root))  # backend() looks for vllm in this process
+    return lambda: json.loads((root / "seen.json").read_text())
 
 
-def test_vllm_gets_the_same_prompts_and_gives_the_same_metrics(hf_run, tiny_model, tmp_path, monkeypatch):
+def test_vllm_gets_the_same_prompts_and_its_outputs_are_graded_alike(hf_run, tiny_model, tmp_path, monkeypatch):
+    """The hf run's completions, played back through the fake: the same metrics are ladder's grading of the same
+    texts (by construction), and the prompts and engine arguments are what ladder sends vLLM."""
     hf = json.loads((hf_run / "metrics.json").read_text())
     preds = lines(hf_run / "predictions.jsonl")
-    seen = fake_vllm(monkeypatch, [Generation(p["completion"], p["finish_reason"], p["tokens"]) for p in preds])
+    seen = fake_vllm(monkeypatch, tmp_path, [Generation(p["completion"], p["finish_reason"], p["tokens"]) for p in preds])
     out = tmp_path / "eval"
     assert stages_main(["--stage", "eval", "--backend", "vllm", "--max_new_tokens", "16", "--limit", "8",
                         "--init", str(tiny_model), f"eval.dataset={hf['dataset']}", f"eval.output_dir={out}"]) == 0
     vllm = json.loads((out / "metrics.json").read_text())
     assert {k: vllm[k] for k in METRICS} == {k: hf[k] for k in METRICS} and vllm["backend"] == "vllm"
     assert lines(out / "predictions.jsonl") == preds
-    assert seen["llm"] == {"model": str(tiny_model.resolve()), "max_model_len": 2048, "gpu_memory_utilization": 0.85,
-                           "tensor_parallel_size": 1, "dtype": "bfloat16", "seed": 42}
-    assert seen["params"] == {"temperature": 0, "max_tokens": 16, "stop": [], "include_stop_str_in_output": True,
-                              "seed": 42}
+    got = seen()
+    longest = max(len(p["prompt_token_ids"]) for p in got["prompts"])
+    assert got["llm"] == {"model": str(tiny_model.resolve()), "max_model_len": longest + 16, "dtype": "bfloat16",
+                          "gpu_memory_utilization": 0.85, "seed": 42, "tensor_parallel_size": 1, "enforce_eager": True}
+    assert got["params"] == {"n": 1, "temperature": 0.0, "max_tokens": 16, "stop": [], "include_stop_str_in_output": True}
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny_model)
-    first = tok.decode(seen["prompts"][0]["prompt_token_ids"])
+    first = tok.decode(got["prompts"][0]["prompt_token_ids"])
     assert first.startswith("<|im_start|>user\n" + preds[0]["question"]) and first.endswith("<|im_start|>assistant\n")
 
 
+def test_vllm_samples_n_per_prompt_in_one_request_each(tiny_model, tmp_path, monkeypatch):
+    """EI's K samples: one request per prompt with vLLM's n (repeating a prompt K times with one seed would give
+    K copies of one sample), returned prompt by prompt; a stop string cuts what follows it."""
+    seen = fake_vllm(monkeypatch, tmp_path, [Generation(f"p{i} s{k} #### {k}</answer> tail", "stop", 5)
+                                             for i in range(3) for k in range(2)])
+    cfg = load_config("eval", ["eval.backend=vllm", "eval.max_new_tokens=8", "eval.max_model_len=64"])
+    gens, _ = generate.generate(cfg, str(tiny_model), None, [[1, 2], [3], [4, 5, 6]], ["</answer>"],
+                                {"temperature": 1.0, "top_p": 0.9}, n=2)
+    assert [g.text for g in gens] == [f"p{i} s{k} #### {k}</answer>" for i in range(3) for k in range(2)]
+    got = seen()
+    assert [p["prompt_token_ids"] for p in got["prompts"]] == [[1, 2], [3], [4, 5, 6]]
+    assert got["params"]["n"] == 2 and got["params"]["temperature"] == 1.0 and "seed" not in got["params"]
+    assert got["llm"]["max_model_len"] == 64
+    with pytest.raises(SystemExit, match="eval.max_model_len"):
+        generate.generate(load_config("eval", ["eval.backend=vllm", "eval.max_model_len=4"]), "m", None,
+                          [[1, 2, 3]], [], n=1)
+
+
 def test_vllm_r1_stops_at_answer_and_auto_picks_vllm_on_gpu(tiny_model, tmp_path, monkeypatch):
-    seen = fake_vllm(monkeypatch, [Generation("<think>1</think> <answer>4</answer>", "stop", 9),
-                                   Generation("<think>1</think> <answer>4", "length", 32)])
+    seen = fake_vllm(monkeypatch, tmp_path, [Generation("<think>1</think> <answer>4</answer>", "stop", 9),
+                                             Generation("<think>1</think> <answer>4", "length", 32)])
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     out = tmp_path / "eval"
     data = parquet(tmp_path, "r1", [("2+2?", "4"), ("2+2?", "4")])
     assert stages_main(["--stage", "eval", "--init", str(tiny_model), "--max_new_tokens", "32",
                         f"eval.dataset={data}", f"eval.output_dir={out}"]) == 0
-    assert seen["params"]["stop"] == ["</answer>"] and seen["params"]["max_tokens"] == 32
+    assert seen()["params"]["stop"] == ["</answer>"] and seen()["params"]["max_tokens"] == 32
     metrics = json.loads((out / "metrics.json").read_text())
     got = (metrics["backend"], metrics["template"], metrics["accuracy"], metrics["unclosed_rate"])
     assert got == ("vllm", "r1", 1.0, 0.5)
