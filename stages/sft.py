@@ -50,21 +50,40 @@ from stages.config import REPO, flatten, stage_dir, write_manifest
 def sft_files(cfg, prepare: bool = True) -> tuple[str, str | None]:
     """A ready parquet (data.train_file) or what data_prep makes from config.yaml's data section.
 
-    With prepare=False (--dry_run) nothing is written: the paths data_prep would write are named.
+    Every sample is measured with the model's chat template before verl starts (verl would stop at the first
+    one longer than sft.max_length, naming no file or row): data_prep names the source line, or skips and
+    counts such samples with data.skip_bad. With prepare=False (--dry_run) nothing is written or measured.
     """
     for name in ("train_file", "val_file"):
         path = cfg.data[name]
         if path and not Path(path).is_file():
             raise SystemExit(f"[sft] data.{name}={path}: no such file")
+    v = cfg.sft.verl.data
+    check = {"tokenizer": str(cfg.model.tokenizer_path or cfg.model.path), "max_length": int(cfg.sft.max_length),
+             "chat_template_kwargs": OmegaConf.to_container(v.apply_chat_template_kwargs)
+             if OmegaConf.select(v, "apply_chat_template_kwargs") else None} \
+        if str(v.truncation) == "error" else None  # verl cuts long samples itself under left/right truncation
     given = cfg.data.train_file
     if given and str(given).endswith(".parquet"):
-        return str(Path(given).resolve()), (str(Path(cfg.data.val_file).resolve()) if cfg.data.val_file else None)
+        files = [Path(given).resolve()] + ([Path(cfg.data.val_file).resolve()] if cfg.data.val_file else [])
+        if prepare and check:
+            from data_prep.stats import check_lengths
+
+            for path in files:
+                try:
+                    check_lengths(path, check["tokenizer"], check["max_length"], check["chat_template_kwargs"])
+                except ValueError as err:
+                    raise SystemExit(f"[sft] {err}") from None
+        return str(files[0]), (str(files[1]) if len(files) > 1 else None)
     folder = stage_dir(cfg, "data").resolve()
     if not prepare:
         return str(folder / "sft_train.parquet"), (str(folder / "sft_val.parquet") if cfg.data.val_size else None)
     from data_prep import prepare as prepare_data
 
-    files = prepare_data(cfg.data, folder)
+    try:
+        files = prepare_data(cfg.data, folder, **(check or {}))
+    except ValueError as err:
+        raise SystemExit(f"[sft] {err}") from None
     return str(Path(files["sft_train"]).resolve()), files.get("sft_val")
 
 

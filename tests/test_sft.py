@@ -9,7 +9,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import pandas as pd
 import pytest
@@ -380,3 +379,22 @@ def test_finished_run_is_exported_not_relaunched(tiny_model, tmp_path, monkeypat
     assert sft.run(cfg) == 0
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["global_step"] == 4 and Path(manifest["hf_model"], "model.safetensors").exists()
+
+
+def test_an_over_long_sample_stops_before_verl_naming_its_line(tiny_model, tmp_path, monkeypatch):
+    """A user file with one huge record: the SFT stage names file:line before any trainer starts (verl would die
+    ~30 s later with `sequence_length=… is larger than self.max_length`, naming no row), or skips it when asked."""
+    rows = [{"prompt": f"What is {i} + 1?", "response": f"{i + 1}"} for i in range(20)]
+    rows[6]["response"] = "word " * 3000
+    data = tmp_path / "mine.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    monkeypatch.setattr(subprocess, "call", lambda *a, **k: pytest.fail("launched verl"))
+    argv = [*TRAIN, "--model", str(tiny_model), "--dataset", "user", "--train_data", str(data), "--max_length", "256",
+            f"run.output_dir={tmp_path}", "run.name=long"]
+    with pytest.raises(SystemExit, match=r"mine.jsonl:7: .*longer than max_length=256"):
+        stages_main(argv)
+    launched = []
+    monkeypatch.setattr(subprocess, "call", lambda *a, **k: launched.append(a) or 1)
+    assert stages_main([*argv, "--skip_bad"]) == 1 and launched  # skipped and counted, then verl starts
+    prep = json.loads((tmp_path / "long" / "data" / "prep.json").read_text())
+    assert prep["skipped_over_length"] == 1
