@@ -170,7 +170,7 @@ def worker_env_keys(env: dict[str, str]) -> list[str]:
     """What Ray's workers must see wherever they run: the metrics paths (verl's TaskRunner, which logs, may be on
     another node) and every VLLM_* setting (VLLM_USE_FLASHINFER_SAMPLER=0 where flashinfer is not installed)."""
     names = ["VERL_FILE_LOGGER_PATH", "TENSORBOARD_DIR", *sorted(k for k in env if k.startswith("VLLM_"))]
-    return [f"+ray_kwargs.ray_init.runtime_env.env_vars.{key}={env[key]}" for key in names if key in env]
+    return [f"+ray_kwargs.ray_init.runtime_env.env_vars.{key}='{env[key]}'" for key in names if key in env]  # quoted: Hydra reads a bare 0 as an int
 
 
 # ---- the stage

@@ -390,6 +390,11 @@ def test_compile_is_sft_only_and_grpo_says_so(tiny_model, rl_files, capsys, monk
 def test_vllm_settings_and_metrics_paths_reach_rays_workers(tmp_path):
     env = {"VLLM_USE_FLASHINFER_SAMPLER": "0", "VERL_FILE_LOGGER_PATH": "/m.jsonl", "TENSORBOARD_DIR": "/tb",
            "HOME": "/root"}
-    assert grpo.worker_env_keys(env) == ["+ray_kwargs.ray_init.runtime_env.env_vars.VERL_FILE_LOGGER_PATH=/m.jsonl",
-                                         "+ray_kwargs.ray_init.runtime_env.env_vars.TENSORBOARD_DIR=/tb",
-                                         "+ray_kwargs.ray_init.runtime_env.env_vars.VLLM_USE_FLASHINFER_SAMPLER=0"]
+    keys = grpo.worker_env_keys(env)
+    assert keys == ["+ray_kwargs.ray_init.runtime_env.env_vars.VERL_FILE_LOGGER_PATH='/m.jsonl'",
+                    "+ray_kwargs.ray_init.runtime_env.env_vars.TENSORBOARD_DIR='/tb'",
+                    "+ray_kwargs.ray_init.runtime_env.env_vars.VLLM_USE_FLASHINFER_SAMPLER='0'"]
+    # Ray takes only strings there: a bare 0 reached it as an int and stopped GRPO on the GPU host (2026-12-03)
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    assert [o.value() for o in OverridesParser.create().parse_overrides(keys)] == ["/m.jsonl", "/tb", "0"]
