@@ -450,3 +450,10 @@ def test_samples_on_hf_sample_each_prompt_k_times(tiny_model, tmp_path, monkeypa
 def test_bad_sampling_settings_stop_before_loading_anything(tmp_path, argv, message):
     with pytest.raises(SystemExit, match=message):
         stages_main([*EVAL, "--init", str(tmp_path / "no_such_model"), f"eval.output_dir={tmp_path / 'e'}", *argv])
+
+
+def test_sampling_docstring_examples_hold():
+    import doctest
+
+    failed, tried = doctest.testmod(evaluate)
+    assert tried >= 2 and failed == 0

@@ -111,10 +111,11 @@ def test_filter_hands_the_update_a_mask_without_truncated_rows_and_restores_it()
     (["grpo.rewards=5"], "grpo.rewards=5: a mapping"),
     (["algorithm.filter_groups.enable=true"], "only in its v1 trainer"),
 ])
-def test_bad_values_stop_before_anything_naming_the_key(tiny_model, rl_files, tmp_path, argv, message):
-    for dry in (["--dry_run"], []):  # a real launch stops before its data, run folder or Ray
+def test_bad_values_stop_before_anything_naming_the_key(tiny_model, rl_files, gsm8k_dir, tmp_path, argv, message):
+    # a dry run; a real launch stops before it prepares its data (outputs/x/data), writes a manifest or starts Ray
+    for launch_args in (["--dry_run", *rl_files], ["--train_size", "8"]):
         with pytest.raises(SystemExit, match=message):
-            stages_main(["--stage", "grpo", *dry, "--init", str(tiny_model), *rl_files, "--rollout", "hf",
+            stages_main(["--stage", "grpo", *launch_args, "--init", str(tiny_model), "--rollout", "hf",
                          f"run.output_dir={tmp_path}", "run.name=x", *argv])
     assert not (tmp_path / "x").exists()
 
@@ -157,6 +158,15 @@ def test_reward_manager_hands_each_sample_its_own_token_count(tiny_model):
     assert [(o["response_length"], o["truncated"]) for o in out] == [(3.0, 0.0), (4.0, 1.0), (4.0, 0.0)]
 
 
+def test_truncation_rule_docstring_examples_hold():
+    import doctest
+
+    import plugins.grpo_variants
+
+    failed, tried = doctest.testmod(plugins.grpo_variants)
+    assert tried >= 1 and failed == 0
+
+
 def test_stop_ids_are_the_tokenizers_and_generation_configs_eos(tiny_model, tmp_path):
     from transformers import AutoTokenizer, GenerationConfig
 
@@ -166,6 +176,40 @@ def test_stop_ids_are_the_tokenizers_and_generation_configs_eos(tiny_model, tmp_
     assert stop_ids(tok, str(tiny_model)) == {tok.eos_token_id}
     GenerationConfig(eos_token_id=[tok.eos_token_id, 5]).save_pretrained(tmp_path)
     assert stop_ids(tok, str(tmp_path)) == {tok.eos_token_id, 5}
+
+
+# ---- the report's diagnostics, from hand-made metrics and rollout dumps
+def sample(prompt, score, acc, fmt, length, n, cut):
+    return {"input": prompt, "output": "...", "score": score, "acc": acc, "reward_correct": acc, "reward_format": fmt,
+            "reward_length": length, "response_length": n, "truncated": cut}
+
+
+def test_report_rows_hold_each_term_and_the_lengths_of_right_and_wrong_answers(tmp_path):
+    from stages import grpo_report
+
+    out = tmp_path / "run" / "grpo"
+    (out / "logs").mkdir(parents=True)
+    (out / "rollouts").mkdir()
+    metric = {"critic/score/mean": 0.5, "actor/entropy": 1.5, "actor/grad_norm": 0.25, "actor/pg_clipfrac": 0.125}
+    (out / "logs" / "metrics.0.jsonl").write_text(json.dumps({"step": 1, "data": metric}) + "\n")
+    rows = [sample("p", 1.0, 1.0, 1.0, 0.0, 10, 0.0), sample("p", 0.0, 0.0, 1.0, -0.5, 30, 0.0),
+            sample("q", 0.0, 0.0, 0.0, -1.0, 40, 1.0), sample("q", 0.0, 0.0, 0.0, -1.0, 40, 1.0)]
+    (out / "rollouts" / "1.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (row,) = grpo_report.curve(out)
+    assert {k: row[k] for k in ("entropy", "grad_norm", "clipfrac", "reward_correct", "reward_format", "reward_length",
+                                "truncated", "len_correct", "len_incorrect", "all_equal_groups")} == \
+        {"entropy": 1.5, "grad_norm": 0.25, "clipfrac": 0.125, "reward_correct": 0.25, "reward_format": 0.5,
+         "reward_length": -0.625, "truncated": 0.5, "len_correct": 10.0, "len_incorrect": (30 + 40 + 40) / 3,
+         "all_equal_groups": 0.5}
+    grpo_report.add_to_report(out, [row], {"loss": "dapo", "overlong": "penalty", "rewards": {"length": 1.0}})
+    text = (tmp_path / "run" / "report.md").read_text()
+    assert "| 1 | 1.5000 | 0.2500 | 0.1250 | 0.2500 | 0.5000 | -0.6250 | 0.5000 | 10.0000 | 36.6667 |" in text
+    # without the penalty the length term is not a column; a dump from before the terms reads acc and format_ok
+    (out / "rollouts" / "1.jsonl").write_text(json.dumps({"input": "p", "score": 1.0, "acc": 1.0, "format_ok": 1.0}))
+    (row,) = grpo_report.curve(out)
+    assert (row["reward_correct"], row["reward_format"], row["len_correct"], row["truncated"]) == (1.0, 1.0, None, None)
+    grpo_report.add_to_report(out, [row], {"loss": "dapo", "overlong": "none"})
+    assert "reward_length" not in (tmp_path / "run" / "report.md").read_text()
 
 
 # ---- real GRPO runs on CPU
