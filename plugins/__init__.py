@@ -8,6 +8,8 @@ or patches something in verl, transformers or torch; none of them imports anythi
     fused_ce         `model.fused_ce: ladder`: LM-head log-probs in chunks, cuBLAS matmuls + two triton passes
     compile          `model.compile`: torch.compile of every decoder layer
     hf_rollout       `grpo.rollout: hf`: a transformers rollout backend for verl's GRPO
+    grpo_variants    GRPO's reward manager: each response's token count to the reward function, `truncated` out
+    overlong_filter  `grpo.overlong: filter`: truncated responses masked out of the actor update
     cpu_platform     a `cpu` platform for verl (gloo, FSDP2, sdpa): the CPU demo and the tests
     cpu_platform_rl  what verl's Ray trainer (GRPO) also needs on that platform
 

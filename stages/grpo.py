@@ -1,5 +1,6 @@
 """GRPO stage: config.yaml's `grpo:` → `python -m verl.trainer.main_ppo algorithm.adv_estimator=grpo …`,
-rewarded by ladder's own grader (rewards.compute_score), then export and a manifest.
+rewarded by ladder's own grader (rewards.combined_score: strict correctness, optionally format and length terms),
+then export and a manifest.
 
     ./train.sh --stage grpo --init outputs/<run>/sft                        # one GPU
     ./train.sh --stage grpo --init outputs/<run>/sft --rollout hf           # no vLLM: transformers rollout
@@ -10,8 +11,23 @@ rewarded by ladder's own grader (rewards.compute_score), then export and a manif
     ./train.sh --stage grpo --init outputs/<run>/sft --dry_run             # print the command and config
 
 Each step samples `grpo.group_size` completions for each of `grpo.batch_size` training prompts, scores
-them with rewards.compute_score (1 for a strict-correct answer, else 0), and normalises rewards within
-each prompt's group (GRPO, outcome reward, no critic). Validation is greedy on the test split.
+them with rewards.combined_score (`grpo.rewards`: by default 1 for a strict-correct answer, else 0), and
+normalises rewards within each prompt's group (GRPO, outcome reward, no critic). Validation is greedy on
+the test split and graded the same way (val-core/*/acc is strict correctness whatever the weights).
+Three keys choose among the variants peers offer (LOSSES and variant_keys below give verl's keys; all
+checked before anything starts, all visible with --dry_run):
+  - `grpo.loss`: dapo (default: token-level mean, clip-higher 0.2/0.28), grpo (DeepSeekMath: each
+    response's token mean, then the mean over responses), dr_grpo (token sums / max_response_length, no
+    division by the group's std);
+  - `grpo.overlong`: none, filter (truncated responses add no gradient: plugins/overlong_filter.py zeroes
+    their response_mask for the actor update), penalty (DAPO's soft overlong punishment over the last
+    `grpo.overlong_buffer` tokens, the `length` term of rewards/terms.py);
+  - `grpo.rewards`: {correct, format, length} weights of rewards/terms.py's terms; each term is logged per
+    sample in the rollout dumps (reward_correct, reward_format, reward_length) and averaged per step in
+    the report. The token count the length term needs reaches the reward function through
+    plugins/grpo_variants.py's reward manager (verl 0.9.1's managers pass none).
+verl 0.9.1's dynamic sampling (algorithm.filter_groups: drop or resample groups whose rewards are all equal)
+exists only in its v1 trainer (TransferQueue); with the legacy trainer ladder runs, the key is refused.
 What ladder sets on top of verl's defaults (all visible with --dry_run):
   - the legacy trainer (`trainer.use_v1=false`: verl's v1 trainer needs the TransferQueue package);
   - rollout `auto`: vLLM when it imports, else `hf`, ladder's transformers backend (plugins/hf_rollout.py,
@@ -117,9 +133,96 @@ def initial_policy(cfg) -> tuple[str, dict]:
 
 # ---- the verl command
 def external_modules(cfg) -> str:
-    """Modules verl imports in every process: the hf rollout, and on CPU the test platform shims."""
+    """Modules verl imports in every process: the hf rollout, on CPU the test platform shims, and with
+    grpo.overlong=filter the actor-update wrapper that masks truncated responses (importing it turns it on)."""
     mods = list(launch.CPU_RL_PLUGINS) if cfg.launch.device == "cpu" else []
-    return ",".join(mods + ["plugins.hf_rollout"])
+    mods.append("plugins.hf_rollout")
+    if str(cfg.grpo.overlong) == "filter":
+        mods.append("plugins.overlong_filter")
+    return ",".join(mods)
+
+
+# ---- grpo.loss / grpo.overlong / grpo.rewards → verl's keys
+ACTOR = "actor_rollout_ref.actor."
+# Each variant sets the same keys, so --dry_run shows every one of them. TRL's GRPOConfig names the same choices
+# loss_type (grpo / dapo / dr_grpo), scale_rewards ("group" divides by the group's std, "none" does not) and
+# epsilon / epsilon_high (the clip range).
+LOSSES = {
+    # DeepSeekMath's GRPO: the mean over each response's tokens, then over responses (a long response's tokens
+    # weigh less); advantages divided by the group's std. TRL: loss_type="grpo", scale_rewards="group"
+    "grpo": {ACTOR + "loss_agg_mode": "seq-mean-token-mean", "algorithm.norm_adv_by_std_in_grpo": True,
+             ACTOR + "clip_ratio_low": 0.2, ACTOR + "clip_ratio_high": 0.2, ACTOR + "loss_scale_factor": None},
+    # DAPO (Yu et al. 2025): the mean over every token of the mini-batch (verl's default aggregation), and
+    # clip-higher: the ratio may rise to 1.28 before the clip. TRL: loss_type="dapo", epsilon_high=0.28
+    "dapo": {ACTOR + "loss_agg_mode": "token-mean", "algorithm.norm_adv_by_std_in_grpo": True,
+             ACTOR + "clip_ratio_low": 0.2, ACTOR + "clip_ratio_high": 0.28, ACTOR + "loss_scale_factor": None},
+    # Dr. GRPO (Liu et al. 2025): token sums over responses divided by one constant, max_response_length (verl's
+    # null would mean each micro-batch's padded width, which dynamic batching varies), and no std division.
+    # TRL: loss_type="dr_grpo", scale_rewards="none"
+    "dr_grpo": {ACTOR + "loss_agg_mode": "seq-mean-token-sum-norm", "algorithm.norm_adv_by_std_in_grpo": False,
+                ACTOR + "clip_ratio_low": 0.2, ACTOR + "clip_ratio_high": 0.2,
+                ACTOR + "loss_scale_factor": "grpo.max_response_length"},  # the value, in variant_keys
+}
+OVERLONG = ("none", "filter", "penalty")
+REWARD_KWARGS = "reward.custom_reward_function.reward_kwargs."
+
+
+def reward_weights(cfg) -> dict[str, float]:
+    """grpo.rewards with its defaults, checked: under grpo.overlong=penalty a length weight of 0 means 1.0
+    (DAPO's penalty factor); a non-zero length weight needs grpo.overlong=penalty."""
+    from rewards.terms import check_weights
+
+    g = cfg.grpo
+    given = g.get("rewards")
+    if given is not None and not OmegaConf.is_dict(given):
+        raise SystemExit(f"[grpo] grpo.rewards={given!r}: a mapping of term weights, e.g. "
+                         "grpo.rewards.format=0.1 (terms: correct, format, length)")
+    weights = OmegaConf.to_container(given, resolve=True) if given is not None else {}
+    limits = {}
+    if str(g.overlong) == "penalty":
+        buffer, limit = g.overlong_buffer, g.max_response_length
+        if isinstance(buffer, bool) or not isinstance(buffer, int) or not 0 < buffer <= int(limit):
+            raise SystemExit(f"[grpo] grpo.overlong_buffer={buffer}: a whole number of tokens in (0, "
+                             f"grpo.max_response_length={limit}]; the penalty falls from 0 to -1 over them")
+        if not weights.get("length"):
+            weights["length"] = 1.0
+        limits = {"max_response_length": int(limit), "overlong_buffer": buffer}
+    elif weights.get("length"):
+        raise SystemExit(f"[grpo] grpo.rewards.length={weights['length']} weighs the overlong penalty, which "
+                         f"grpo.overlong={g.overlong} does not compute: set grpo.overlong=penalty")
+    try:
+        return check_weights(weights, **limits)
+    except ValueError as err:
+        raise SystemExit(f"[grpo] grpo.rewards: {str(err).removeprefix('rewards: ')}") from None
+
+
+def variant_keys(cfg) -> list[str]:
+    """verl's keys for grpo.loss, grpo.overlong and grpo.rewards; a bad value stops here, naming its key. A key
+    set in grpo.verl (a verl key on the command line) wins over the one derived here, as for the kernels."""
+    g = cfg.grpo
+    loss, overlong = str(g.loss), str(g.overlong)
+    if loss not in LOSSES:
+        raise SystemExit(f"[grpo] grpo.loss={loss}: use one of {', '.join(LOSSES)} (stages/grpo.py LOSSES)")
+    if overlong not in OVERLONG:
+        raise SystemExit(f"[grpo] grpo.overlong={overlong}: use one of {', '.join(OVERLONG)}")
+    if OmegaConf.select(g.verl, "algorithm.filter_groups.enable") and not OmegaConf.select(g.verl, "trainer.use_v1"):
+        raise SystemExit("[grpo] algorithm.filter_groups.enable=true: verl 0.9.1 filters or resamples all-equal groups "
+                         "only in its v1 trainer (trainer.use_v1=true, which needs the TransferQueue package); the "
+                         "legacy trainer ladder runs would ignore the key (README: all-equal groups)")
+    keys = dict(LOSSES[loss])
+    if loss == "dr_grpo":
+        keys[ACTOR + "loss_scale_factor"] = int(g.max_response_length)
+    # every run: the token count for the length term, and `response_length` / `truncated` in the batch (read by
+    # plugins/overlong_filter.py) and the rollout dumps (read by stages/grpo_report.py)
+    keys.update({"reward.reward_manager.source": "importlib", "reward.reward_manager.name": "TokenCountRewardManager",
+                 "reward.reward_manager.module.path": "pkg://plugins.grpo_variants"})
+    weights = reward_weights(cfg)
+    keys.update({f"+{REWARD_KWARGS}weights.{term}": weight for term, weight in weights.items()})
+    if overlong == "penalty":
+        keys.update({f"+{REWARD_KWARGS}max_response_length": int(g.max_response_length),
+                     f"+{REWARD_KWARGS}overlong_buffer": int(g.overlong_buffer)})
+    return [f"{key}={'null' if value is None else str(value).lower() if isinstance(value, bool) else value}"
+            for key, value in keys.items() if OmegaConf.select(g.verl, key.lstrip("+")) is None]
 
 
 def main_ppo_keys(cfg, out: Path, init: str, train: str, val: str, rollout: str) -> list[str]:
@@ -138,11 +241,11 @@ def main_ppo_keys(cfg, out: Path, init: str, train: str, val: str, rollout: str)
         f"data.train_files={train}",
         f"data.val_files={val}",
         f"reward.custom_reward_function.path={Path(rewards.__file__).resolve()}",
-        "reward.custom_reward_function.name=compute_score",
+        "reward.custom_reward_function.name=combined_score",  # grpo.rewards' weighted terms (rewards/terms.py)
         f"trainer.rollout_data_dir={(out / 'rollouts').resolve()}",  # per-step samples: grpo_report counts groups
         # Ray workers inherit the driver's environment too; this also reaches a cluster started elsewhere
         f"+ray_kwargs.ray_init.runtime_env.env_vars.VERL_USE_EXTERNAL_MODULES={modules}",
-    ] + launch.trainer_keys(cfg, out, "grpo", resume)
+    ] + variant_keys(cfg) + launch.trainer_keys(cfg, out, "grpo", resume)
     # the actor's and reference's packed forward passes; the hf rollout decodes with sdpa whatever this is
     keys += launch.kernel_keys(cfg, cfg.grpo.verl.actor_rollout_ref.model, "actor_rollout_ref.model.", actor=True)
     if lora and rollout == "vllm":
@@ -186,6 +289,7 @@ def run(cfg) -> int:
             print(f"[grpo] node {cfg.launch.node_rank}: Ray exited ({rc}); node 0 exports and writes the manifest")
         return 0
     rollout = rollout_name(cfg)
+    variant_keys(cfg)  # grpo.loss / overlong / rewards checked before data preparation
     init, init_info = initial_policy(cfg)  # may name the run after --init's, so before stage_dir
     out = stage_dir(cfg, "grpo")
     train, val = rl_files(cfg, prepare=not dry_run)
@@ -228,6 +332,8 @@ def export_and_record(cfg, out: Path, record: dict) -> int:
     from stages import evaluate, grpo_report
     from stages.export import export
 
+    # the variant trained, for the manifest and the report (the full config is in the manifest too)
+    record = dict(record, loss=str(cfg.grpo.loss), overlong=str(cfg.grpo.overlong), rewards=reward_weights(cfg))
     step = launch.latest_step(out)
     if not step:
         print(f"[grpo] no checkpoint in {out}: set grpo.save_freq > 0 so the last step is saved", file=sys.stderr)

@@ -3,8 +3,10 @@ fail-fast checks, vLLM's parameters against a fake `vllm` module, checkpoint cur
 import json
 import os
 import shutil
+from collections import defaultdict
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -354,3 +356,104 @@ def test_report_sections_replace_and_keep_stage_order(tmp_path):
     assert order == sorted(order)
     with pytest.raises(ValueError):
         report.add_section(tmp_path, "bad key", "x", "y")
+
+
+# ---- eval.samples: k completions per problem, pass@k, maj@k and the spread
+@pytest.mark.parametrize("n, c, k", [(4, 0, 1), (4, 1, 1), (4, 2, 2), (5, 2, 3), (6, 1, 6), (8, 3, 4), (8, 8, 2)])
+def test_pass_at_k_is_the_chance_a_random_k_subset_holds_a_correct_sample(n, c, k):
+    """Chen et al.'s estimator against the definition: the share of k-subsets of the n samples with a correct one."""
+    from itertools import combinations
+
+    samples = [True] * c + [False] * (n - c)
+    subsets = list(combinations(range(n), k))
+    assert evaluate.pass_at_k(n, c, k) == pytest.approx(sum(any(samples[i] for i in s) for s in subsets) / len(subsets))
+
+
+@pytest.mark.parametrize("votes, correct", [
+    ([("4", True), ("4", True), ("5", False)], True),                 # the most frequent answer is right
+    ([("5", False), ("5", False), ("4", True)], False),               # a right sample outvoted
+    ([("5", False), ("4", True)], False),                             # a tie: the answer seen first
+    ([("4", True), ("5", False)], True),
+    ([(None, False), (None, False), ("4", True)], True),              # no answer: no vote
+    ([(None, False), (None, False)], False),                          # nobody answered
+])
+def test_majority_vote(votes, correct):
+    assert evaluate.majority_correct([{"pred": p, "correct": c} for p, c in votes]) is correct
+
+
+# 3 GSM8K problems (gold 4, 6, 9), 4 samples each: right 2, 1 and 0 times; majority right, wrong (7), wrong (a tie
+# of 1 and 2: the first)
+SAMPLED_ITEMS = [("Two and two?", "4"), ("Three and three?", "6"), ("Three times three?", "9")]
+SAMPLED_TEXTS = [["#### 4", "#### 4", "#### 5", "I do not know"], ["#### 7", "#### 7", "#### 6", "#### 8"],
+                 ["#### 1", "#### 2", "no", "none"]]
+SAMPLED_EXPECTED = {"n": 3, "samples": 4, "accuracy": 0.25, "pass@1": 0.25, "pass@2": (5 / 6 + 0.5 + 0) / 3,
+                    "pass@4": 2 / 3, "maj@4": 1 / 3, "accuracy_std": float(np.std([1 / 3, 1 / 3, 1 / 3, 0], ddof=1)),
+                    "accuracy_min": 0.0, "accuracy_max": 1 / 3, "format_accuracy": 9 / 12}
+
+
+def check_sampled(out: Path):
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert {k: metrics[k] for k in SAMPLED_EXPECTED} == pytest.approx(SAMPLED_EXPECTED)
+    preds = lines(out / "predictions.jsonl")
+    assert [(p["completion"], p["sample"]) for p in preds] == [(t, j) for texts in SAMPLED_TEXTS
+                                                               for j, t in enumerate(texts)]
+    section = (out.parent / "report.md").read_text()
+    assert "4 samples per problem at temperature 0.7, top_p 0.9" in section
+    for name in ("pass@4", "pass@2", "maj@4", "accuracy_std"):
+        assert f"| {name} | {report._cell(metrics[name])} |" in section
+    return metrics
+
+
+def test_samples_on_vllm_report_pass_maj_and_spread(tiny_model, tmp_path, monkeypatch):
+    seen = fake_vllm(monkeypatch, tmp_path, [Generation(t, "stop", 3) for texts in SAMPLED_TEXTS for t in texts])
+    out = tmp_path / "run" / "eval"
+    assert stages_main(["--stage", "eval", "--backend", "vllm", "--init", str(tiny_model), "eval.samples=4",
+                        "eval.temperature=0.7", "eval.top_p=0.9", f"eval.output_dir={out}",
+                        f"eval.dataset={parquet(tmp_path, 'gsm8k', SAMPLED_ITEMS)}"]) == 0
+    params = seen()["params"]
+    assert (params["n"], params["temperature"], params["top_p"], len(seen()["prompts"])) == (4, 0.7, 0.9, 3)
+    check_sampled(out)
+
+
+def test_samples_on_hf_sample_each_prompt_k_times(tiny_model, tmp_path, monkeypatch):
+    """transformers' path: each prompt k times, sampled; a stand-in generate answers the scripted texts in order."""
+    from transformers import AutoTokenizer, Qwen2ForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    calls, served = [], defaultdict(int)
+
+    def scripted(self, input_ids, attention_mask, max_new_tokens, **kw):
+        calls.append({k: kw[k] for k in ("do_sample", "temperature", "top_p")})
+        rows = []
+        for row in input_ids.tolist():
+            text = tok.decode(row)
+            i = next(i for i, (q, _) in enumerate(SAMPLED_ITEMS) if q in text)
+            rows.append(tok.encode(SAMPLED_TEXTS[i][served[i]]) + [tok.eos_token_id])
+            served[i] += 1
+        width = max(map(len, rows))
+        new = torch.tensor([r + [tok.pad_token_id] * (width - len(r)) for r in rows])
+        return torch.cat([input_ids, new], 1)
+
+    monkeypatch.setattr(Qwen2ForCausalLM, "generate", scripted)
+    out = tmp_path / "run" / "eval"
+    assert stages_main([*EVAL, "--init", str(tiny_model), "eval.samples=4", "eval.temperature=0.7", "eval.top_p=0.9",
+                        f"eval.output_dir={out}", f"eval.dataset={parquet(tmp_path, 'gsm8k', SAMPLED_ITEMS)}"]) == 0
+    assert calls and all(c == {"do_sample": True, "temperature": 0.7, "top_p": 0.9} for c in calls)
+    assert dict(served) == {0: 4, 1: 4, 2: 4}
+    check_sampled(out)
+
+
+@pytest.mark.parametrize("argv, message", [(["eval.samples=0"], "eval.samples=0"),
+                                           (["eval.samples=2.5"], "eval.samples=2.5"),
+                                           (["eval.samples=4", "eval.temperature=0"], "eval.temperature=0"),
+                                           (["eval.samples=4", "eval.top_p=1.5"], "eval.top_p=1.5")])
+def test_bad_sampling_settings_stop_before_loading_anything(tmp_path, argv, message):
+    with pytest.raises(SystemExit, match=message):
+        stages_main([*EVAL, "--init", str(tmp_path / "no_such_model"), f"eval.output_dir={tmp_path / 'e'}", *argv])
+
+
+def test_sampling_docstring_examples_hold():
+    import doctest
+
+    failed, tried = doctest.testmod(evaluate)
+    assert tried >= 2 and failed == 0

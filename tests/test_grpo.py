@@ -322,7 +322,7 @@ def test_default_vllm_command_fits_verls_schema(tiny_model, rl_files, capsys, mo
     # vLLM's KV cache sized for a prompt and its response, not the model's whole context
     assert (ar.rollout.max_model_len, ar.rollout.enforce_eager) == (512 + 1024, False)
     assert cfg.reward.custom_reward_function.path == str(REPO / "rewards" / "__init__.py")
-    assert cfg.reward.custom_reward_function.name == "compute_score"
+    assert cfg.reward.custom_reward_function.name == "combined_score"  # grpo.rewards (rewards/terms.py)
     assert "wandb" not in cfg.trainer.logger and {"console", "tensorboard"} <= set(cfg.trainer.logger)
     assert cfg.ray_kwargs.ray_init.runtime_env.env_vars.VERL_USE_EXTERNAL_MODULES == "plugins.hf_rollout"
     from verl.trainer.ppo.utils import need_critic, need_reference_policy
