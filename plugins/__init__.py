@@ -10,6 +10,7 @@ or patches something in verl, transformers or torch; none of them imports anythi
     hf_rollout       `grpo.rollout: hf`: a transformers rollout backend for verl's GRPO
     cpu_platform     a `cpu` platform for verl (gloo, FSDP2, sdpa): the CPU demo and the tests
     cpu_platform_rl  what verl's Ray trainer (GRPO) also needs on that platform
+    lifeline         every verl process stops when ladder's launcher is gone (even SIGKILLed)
 
-stages/launch.py decides which of them a run loads.
+stages/launch.py decides which of them a run loads (lifeline: stages/supervise.py).
 """
