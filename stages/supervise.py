@@ -177,19 +177,23 @@ def _follow(proc: subprocess.Popen, metrics: Path, stage: str, total: int | None
         except subprocess.TimeoutExpired:
             finished = False
         if metrics.is_file():
-            with open(metrics) as f:
+            with open(metrics, "rb") as f:
                 f.seek(offset)
                 chunk = f.read()
-            complete = chunk[: chunk.rfind("\n") + 1]  # a line verl is still writing waits for the next look
-            offset += len(complete.encode())
-            for line in complete.splitlines():
-                record = json.loads(line) if line.strip() else None
-                if record and record["step"] > max(steps, default=done):
-                    steps.append(record["step"])
-                    loss = record["data"].get("train/loss", record["data"].get("actor/pg_loss"))
-                    if loss is not None:
+            complete = chunk[: chunk.rfind(b"\n") + 1]  # a line verl is still writing waits for the next look
+            offset += len(complete)
+            for line in complete.decode(errors="replace").splitlines():
+                try:  # the bar only: a line it cannot read is not worth stopping the trainer for
+                    record = json.loads(line)
+                    step, data = int(record["step"]), dict(record["data"])
+                except (ValueError, TypeError, KeyError):
+                    continue
+                if step > max(steps, default=done):
+                    steps.append(step)
+                    loss = data.get("train/loss", data.get("actor/pg_loss"))
+                    if isinstance(loss, (int, float)):
                         bar.set_postfix(loss=f"{loss:.4g}", refresh=False)
-                    bar.update(record["step"] - bar.n)
+                    bar.update(step - bar.n)
         if finished:
             bar.close()
             return steps
