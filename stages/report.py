@@ -51,7 +51,8 @@ def console(metrics: dict, keys: list[str], title: str) -> str:
 
 
 def plot_vs_step(rows: list[dict], series: dict[str, str], folder: Path, prefix: str) -> list[Path]:
-    """One PNG per metric key, value against `step` (headless, Agg); returns the files written."""
+    """One PNG per metric key, value against `step` (headless, Agg), axes per `step_axes`; returns the files
+    written (`<prefix>_<key>.png`, any character outside [A-Za-z0-9_.-] of the key as `_`)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -62,16 +63,40 @@ def plot_vs_step(rows: list[dict], series: dict[str, str], folder: Path, prefix:
     rows = sorted(rows, key=lambda r: r["step"])
     paths = []
     for key, label in series.items():
+        points = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
         fig, ax = plt.subplots(figsize=(5, 3.2), dpi=110)
-        ax.plot([r["step"] for r in rows], [r.get(key) for r in rows], marker="o")
+        ax.plot([x for x, _ in points], [y for _, y in points], marker="o")
         ax.set(xlabel="step", ylabel=label, title=f"{prefix}: {label}")
+        step_axes(ax, [y for _, y in points])
         ax.grid(alpha=0.3)
         fig.tight_layout()
-        path = folder / f"{prefix}_{key}.png"
+        path = folder / f"{prefix}_{re.sub(r'[^A-Za-z0-9_.-]', '_', key)}.png"
         fig.savefig(path)
         plt.close(fig)
         paths.append(path)
     return paths
+
+
+def step_axes(ax, values: list[float]) -> None:
+    """Steps are whole numbers: integer ticks only. A flat curve at v gets the y-range 0..2v (0..1 for v = 0),
+    not matplotlib's v-0.05..v+0.05 (an all-zero accuracy drawn around -0.04..0.04); a curve never below 0 is
+    not drawn with a negative axis.
+
+    >>> import matplotlib; matplotlib.use("Agg"); import matplotlib.pyplot as plt
+    >>> ax = plt.subplots()[1]; _ = ax.plot([1, 2, 3], [0, 0, 0]); step_axes(ax, [0, 0, 0])
+    >>> tuple(map(float, ax.get_ylim()))
+    (0.0, 1.0)
+    """
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if not values:
+        return
+    low, high = min(values), max(values)
+    if low == high:
+        ax.set_ylim(*sorted((0.0, 2.0 * low)) if low else (0.0, 1.0))
+    elif low >= 0 and ax.get_ylim()[0] < 0:
+        ax.set_ylim(bottom=0.0)
 
 
 def add_section(run_dir: Path, key: str, title: str, markdown: str, figures=(), order: int | None = None) -> Path:

@@ -27,8 +27,13 @@ outputs/, as verl resumes from and writes checkpoints to one folder). Where ladd
   - keep-last-N (`sft.keep_ckpts`) holds across attempts: verl forgets the checkpoints of an earlier
     (killed) attempt, so ladder deletes the surplus after training;
   - `--init` (`model.init`: a run, stage, checkpoint or HF folder) replaces model.path as the starting weights.
-Outputs: outputs/<run>/sft/{global_step_N/, logs/metrics.K.jsonl (one per attempt), tensorboard/,
-hf/ (+ adapter/ for LoRA), manifest.json}. `launch.device=cpu` (tests, demo) loads the CPU platform
+  - before anything starts (seconds, before data prep or verl's ~25 s of imports): the files named, the resume
+    folder, every verl key and value against verl's own schema (launch.check_verl_keys), a CUDA GPU when
+    launch.device=cuda; verl runs under stages/supervise.py (its output to a log file, a progress bar on the
+    console, signals passed on, failure advice by kind, `failed` manifests).
+Outputs: outputs/<run>/sft/{global_step_N/, logs/{metrics.K.jsonl, verl.K.log (one each per attempt),
+attempts.jsonl, hydra/}, tensorboard/, hf/ (+ adapter/ for LoRA), manifest.json}, and an SFT section with the
+loss curve in outputs/<run>/report.md. `launch.device=cpu` (tests, demo) loads the CPU platform
 shim plugins/cpu_platform.py into every rank: gloo, FSDP2, sdpa.
 """
 from __future__ import annotations
@@ -36,14 +41,13 @@ from __future__ import annotations
 import math
 import shlex
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from stages import launch
-from stages.config import REPO, flatten, stage_dir, write_manifest
+from stages import launch, report, supervise
+from stages.config import flatten, stage_dir, write_manifest
 
 
 # ---- data
@@ -54,10 +58,7 @@ def sft_files(cfg, prepare: bool = True) -> tuple[str, str | None]:
     one longer than sft.max_length, naming no file or row): data_prep names the source line, or skips and
     counts such samples with data.skip_bad. With prepare=False (--dry_run) nothing is written or measured.
     """
-    for name in ("train_file", "val_file"):
-        path = cfg.data[name]
-        if path and not Path(path).is_file():
-            raise SystemExit(f"[sft] data.{name}={path}: no such file")
+    check_files(cfg)
     v = cfg.sft.verl.data
     check = {"tokenizer": str(cfg.model.tokenizer_path or cfg.model.path), "max_length": int(cfg.sft.max_length),
              "chat_template_kwargs": OmegaConf.to_container(v.apply_chat_template_kwargs)
@@ -85,6 +86,13 @@ def sft_files(cfg, prepare: bool = True) -> tuple[str, str | None]:
     except ValueError as err:
         raise SystemExit(f"[sft] {err}") from None
     return str(Path(files["sft_train"]).resolve()), files.get("sft_val")
+
+
+def check_files(cfg) -> None:
+    for name in ("train_file", "val_file"):
+        path = cfg.data[name]
+        if path and not Path(path).is_file():
+            raise SystemExit(f"[sft] data.{name}={path}: no such file")
 
 
 # ---- the verl command
@@ -167,8 +175,18 @@ def run(cfg) -> int:
     if cfg.model.init:  # warm start from an earlier stage's export, a checkpoint or an HF folder
         from stages.export import resolve_init
 
-        cfg.model.path = resolve_init(cfg.model.init)
+        try:
+            cfg.model.path = resolve_init(cfg.model.init)
+        except (FileNotFoundError, ValueError) as err:  # each names the folder and what is missing
+            raise SystemExit(f"[sft] {err}") from None
     check_cpu(cfg)
+    # in seconds, before data prep (a tokenizer over every sample) or verl (~25 s of imports): what the user named,
+    # every verl key and value against verl's own schema (with the file names data prep will write), the machine
+    check_files(cfg)
+    start = None if cfg.run.dry_run else resume_dir(cfg, out)
+    launch.check_verl_keys(cfg, "sft", "verl.trainer.sft_trainer", trainer_keys(cfg, out, *sft_files(cfg, False)))
+    if not cfg.run.dry_run:
+        launch.check_device(cfg, "sft")
     train, val = sft_files(cfg, prepare=not cfg.run.dry_run)
     cmd = launch.torchrun_command(cfg, "verl.trainer.sft_trainer", trainer_keys(cfg, out, train, val))
     if cfg.run.dry_run:
@@ -176,29 +194,31 @@ def run(cfg) -> int:
         print(env + shlex.join(cmd))
         print(OmegaConf.to_yaml(cfg, resolve=True))
         return 0
-    start = resume_dir(cfg, out)
     done = int(start.name.rsplit("_", 1)[-1]) if start else 0
     per_epoch, total = planned_steps(cfg, train)
     if done >= total:
         print(f"[sft] {start} is step {done} of {total}: training is complete, exporting it")
     else:
-        write_manifest(out, stage="sft", status="running", base_model=str(cfg.model.path),
-                       lora=bool(cfg.model.use_lora), train_file=train, val_file=val)
+        record = dict(stage="sft", base_model=str(cfg.model.path), lora=bool(cfg.model.use_lora), train_file=train,
+                      val_file=val)
+        write_manifest(out, status="running", **record)
         if start and set_aside_epoch_end_state(start, per_epoch):
             print(f"[sft] resuming at the end of epoch {done // per_epoch} (step {done}): epoch "
                   f"{done // per_epoch + 1} starts with a fresh data loader")
-        print("[sft] " + shlex.join(cmd), flush=True)
-        rc = subprocess.call(cmd, env=launch.environment(cfg, out), cwd=REPO)
-        if rc:
-            print(f"[sft] verl's trainer exited with {rc}; rerun the same command to resume from "
-                  f"the last checkpoint in {out}", file=sys.stderr)
-            return rc
+        print(f"[sft] {total - done} step(s) to train" + (f" from step {done}" if done else "")
+              + f" ({per_epoch} per epoch, batch {cfg.sft.verl.data.train_batch_size}) into {out}", flush=True)
+        result = supervise.run_trainer(cmd, launch.environment(cfg, out), out, "sft", total, done)
+        if result.rc:
+            write_manifest(out, status="failed", **record, failure=result.record())
+            print(result.advice(), file=sys.stderr)
+            return result.rc
         if int(cfg.launch.node_rank) != 0:  # verl's rank 0 (on node 0) writes the full checkpoint
             print(f"[sft] node {cfg.launch.node_rank} done; node 0 exports and writes the manifest")
             return 0
         if launch.latest_step(out) < total:  # verl exits 0 when it runs out of data early: never pass that off
             print(f"[sft] verl stopped at step {launch.latest_step(out)} of {total} without an error; see its log "
-                  f"above. Rerun to resume from {out}", file=sys.stderr)
+                  f"{result.log}. Rerun to resume from {out}", file=sys.stderr)
+            write_manifest(out, status="failed", **record, failure=dict(result.record(), kind="stopped_early"))
             return 1
         start = out / f"global_step_{launch.latest_step(out)}"
     return export_and_record(cfg, out, start, train, val)
@@ -225,8 +245,34 @@ def export_and_record(cfg, out: Path, step_dir: Path, train: str, val: str | Non
                    tensorboard_dir=str((out / "tensorboard").resolve()), steps_logged=len(metrics),
                    loss_first=losses[0] if losses else None, loss_last=losses[-1] if losses else None,
                    skipped_nonfinite_steps=len(nonfinite), config=OmegaConf.to_container(cfg, resolve=True))
+    add_report_section(cfg, out, metrics, step, train, exported)
     print(f"[sft] step {step}; exported {exported['hf']}"
           + (f" and {exported['adapter']}" if exported.get("adapter") else "")
           + (f"; removed old checkpoints {', '.join(pruned)}" if pruned else "")
           + (f"; {len(nonfinite)} step(s) skipped for a non-finite gradient norm" if nonfinite else ""))
     return 0
+
+
+def add_report_section(cfg, out: Path, metrics: dict[int, dict], step: int, train: str, exported: dict) -> None:
+    """report.md's SFT section: what was trained from what, steps, loss, time, and the loss curve (a PNG)."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    rows = [{"step": s, "loss": m["train/loss"]} for s, m in sorted(metrics.items()) if m.get("train/loss") is not None]
+    figures = (report.plot_vs_step(rows, {"loss": "training loss"}, out.parent / "report" / "figures", "sft")
+               if rows else [])
+    log = out / "logs" / "attempts.jsonl"
+    attempts = [json.loads(line) for line in log.read_text().splitlines() if line.strip()] if log.is_file() else []
+    v, launched = cfg.sft.verl, f"{cfg.launch.nnodes} x {cfg.launch.n_gpus} {cfg.launch.device}"
+    kind = f"LoRA rank {cfg.model.lora_rank}" if exported["lora"] else "full fine-tuning"
+    table = report.table(["steps", "epochs", "train rows", "batch", "lr", "loss first", "loss last", "attempts",
+                          "trainer seconds"],
+                         [[step, v.trainer.total_epochs, pq.ParquetFile(train).metadata.num_rows,
+                           v.data.train_batch_size, f"{v.optim.lr:g}", rows[0]["loss"] if rows else "n/a",
+                           rows[-1]["loss"] if rows else "n/a", len(attempts),
+                           f"{sum(a['seconds'] for a in attempts):.1f}"]])
+    report.add_section(out.parent, "sft", "Supervised fine-tuning",
+                       f"`{cfg.model.path}` → `{exported['hf']}` ({kind}; verl's sft_trainer on {launched}; "
+                       f"data `{train}`). Trainer seconds: wall time of every attempt, verl's start-up included "
+                       f"(`sft/logs/attempts.jsonl`).\n\n{table}", figures)

@@ -457,3 +457,19 @@ def test_sampling_docstring_examples_hold():
 
     failed, tried = doctest.testmod(evaluate)
     assert tried >= 2 and failed == 0
+
+
+@pytest.mark.parametrize("values,ylim", [([0.0, 0.0], (0.0, 1.0)), ([0.25, 0.25], (0.0, 0.5)), ([0.0, 0.5], None)])
+def test_checkpoint_plots_have_whole_steps_and_no_axis_below_zero(tmp_path, monkeypatch, values, ylim):
+    """--all_checkpoints with checkpoints at steps 1 and 2: no tick at a fractional step; an all-zero accuracy is
+    drawn on 0..1 (matplotlib would pick -0.04..0.04), and a curve that never goes below 0 has no negative axis."""
+    import matplotlib.pyplot as plt
+
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)  # keep the figure to look at its axes
+    rows = [{"step": 1, "accuracy": values[0]}, {"step": 2, "accuracy": values[1]}]
+    (path,) = report.plot_vs_step(rows, {"accuracy": "strict accuracy"}, tmp_path, "eval-gsm8k")
+    ax = figures[0].axes[0]
+    assert path.is_file() and all(float(t).is_integer() for t in ax.get_xticks())
+    low, high = map(float, ax.get_ylim())
+    assert (low, high) == ylim if ylim else low == 0.0 and high > 0.5

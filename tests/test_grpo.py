@@ -271,13 +271,7 @@ def test_lora_grpo_on_cpu_syncs_merged_weights_and_exports_the_adapter(tiny_mode
 # ---- the composed command against verl's schema
 def verl_schema_compose(overrides):
     """Compose verl's own ppo_trainer config with the stage's overrides: a misspelt key fails here."""
-    import verl
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(Path(verl.__file__).parent / "trainer" / "config"), version_base=None):
-        return compose(config_name="ppo_trainer", overrides=overrides)
+    return launch.verl_schema_compose("ppo_trainer", overrides)
 
 
 def dry_run(argv, capsys, monkeypatch, vllm=True):
@@ -332,10 +326,11 @@ def test_default_vllm_command_fits_verls_schema(tiny_model, rl_files, capsys, mo
 
 
 def test_misspelt_verl_key_is_refused(tiny_model, rl_files, capsys, monkeypatch):
-    (cmd,) = dry_run(["--init", str(tiny_model), *rl_files, "actor_rollout_ref.rollout.temprature=0.7"],
-                     capsys, monkeypatch)
+    with pytest.raises(SystemExit, match=r"actor_rollout_ref\.rollout\.temprature: .* no such key; did you mean "
+                                         r"actor_rollout_ref\.rollout\.temperature\?"):  # the dry run refuses it
+        dry_run(["--init", str(tiny_model), *rl_files, "actor_rollout_ref.rollout.temprature=0.7"], capsys, monkeypatch)
     with pytest.raises(Exception, match="temprature"):
-        verl_schema_compose(main_ppo_args(cmd))
+        verl_schema_compose(["actor_rollout_ref.rollout.temprature=0.7"])
 
 
 @pytest.mark.parametrize("rollout,expect", [("vllm", {"actor_rollout_ref.rollout.load_format=safetensors"}),
@@ -398,3 +393,46 @@ def test_vllm_settings_and_metrics_paths_reach_rays_workers(tmp_path):
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     assert [o.value() for o in OverridesParser.create().parse_overrides(keys)] == ["/m.jsonl", "/tb", "0"]
+
+
+# ---- failing early and clearly (issue 17)
+def test_grpo_without_a_gpu_says_so_before_anything_starts(tiny_model, rl_files, monkeypatch, tmp_path):
+    from stages import supervise
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(supervise, "run_trainer", lambda *a, **k: pytest.fail("verl's trainer ran"))
+    with pytest.raises(SystemExit, match=r"^\[grpo\] no CUDA GPU found .* add --device cpu"):
+        stages_main(["--stage", "grpo", "--init", str(tiny_model), *rl_files, f"run.output_dir={tmp_path}"])
+
+
+@pytest.mark.parametrize("argv,said", [
+    (["--lr", "abc"], r"^\[grpo\] actor_rollout_ref\.actor\.optim\.lr=abc \(grpo\.lr: --lr, LEARNING_RATE\): verl "
+                      r"expects a number \(its default is 1e-06\)$"),
+    (["trainer.save_freq=abc"], r"^\[grpo\] trainer\.save_freq=abc: verl expects a number"),
+])
+def test_grpo_dry_run_refuses_a_bad_verl_value(tiny_model, rl_files, capsys, monkeypatch, argv, said):
+    with pytest.raises(SystemExit, match=said):
+        dry_run(["--init", str(tiny_model), *rl_files, *argv], capsys, monkeypatch)
+
+
+def test_grpo_missing_init_is_one_clean_line(rl_files, tmp_path, capsys, monkeypatch):
+    with pytest.raises(SystemExit) as err:
+        dry_run(["--init", str(tmp_path / "nonexistent"), *rl_files], capsys, monkeypatch)
+    assert str(err.value) == f"[grpo] --init {tmp_path / 'nonexistent'}: no such run, stage, checkpoint or model folder"
+
+
+def test_a_failed_grpo_run_leaves_a_failed_manifest(tiny_model, rl_files, tmp_path, monkeypatch, capsys):
+    from stages import supervise
+
+    def fails(cmd, env, out, stage, *args, **kwargs):
+        log = out / "logs" / "verl.0.log"
+        log.write_text("ValueError: the CPU platform needs 4 Ray CPUs for its worker processes; Ray has 2\n")
+        return supervise.Result(1, log, out, stage, 3.0)
+
+    monkeypatch.setattr(supervise, "run_trainer", fails)
+    assert stages_main([*CPU_RUN, "--init", str(tiny_model), *rl_files, f"run.output_dir={tmp_path}"]) == 1
+    manifest = json.loads((tmp_path / "r" / "grpo" / "manifest.json").read_text())
+    assert manifest["status"] == "failed" and manifest["rollout"] == "hf"
+    assert (manifest["failure"]["exit_code"], manifest["failure"]["kind"]) == (1, "before_first_step")
+    assert manifest["failure"]["reason"].startswith("ValueError: the CPU platform needs 4 Ray CPUs")
+    assert "failed before its first step" in capsys.readouterr().err
