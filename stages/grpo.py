@@ -279,6 +279,7 @@ def worker_env_keys(env: dict[str, str]) -> list[str]:
 # ---- the stage
 def run(cfg) -> int:
     multinode, dry_run = int(cfg.launch.nnodes) > 1, bool(cfg.run.dry_run)
+    variant_keys(cfg)  # grpo.loss / overlong / rewards: a wrong value is named before anything else is looked at
     if not dry_run:
         launch.check_device(cfg, "grpo")
     if multinode and not dry_run:
@@ -291,7 +292,6 @@ def run(cfg) -> int:
             print(f"[grpo] node {cfg.launch.node_rank}: Ray exited ({rc}); node 0 exports and writes the manifest")
         return 0
     rollout = rollout_name(cfg)
-    variant_keys(cfg)  # grpo.loss / overlong / rewards checked before data preparation
     try:
         init, init_info = initial_policy(cfg)  # may name the run after --init's, so before stage_dir
     except (FileNotFoundError, ValueError) as err:  # each names the folder and what is missing
