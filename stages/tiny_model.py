@@ -1,7 +1,10 @@
 """A tiny random Qwen2-shaped model and a BPE tokenizer trained on the spot: the CPU demo and the tests.
 
 Nothing is downloaded: the tokenizer is trained on GSM8K text (or any text given), the model is
-random. The chat template is ChatML, as in Qwen2.5, so `<|im_end|>` ends every turn.
+random. The chat template is ChatML, as in Qwen2.5, so `<|im_end|>` ends every turn. The EOS token is
+`<|im_end|>` (as in Qwen2.5's instruct models) unless `eos_token="<|endoftext|>"` asks for a base model's
+setup: EOS `<|endoftext|>` in the tokenizer, config.json and generation_config.json, turns still ending
+with `<|im_end|>`.
 """
 from __future__ import annotations
 
@@ -32,7 +35,7 @@ def corpus(limit: int = 2000) -> list[str]:
     return texts
 
 
-def build_tokenizer(out: Path, vocab_size: int = 600):
+def build_tokenizer(out: Path, vocab_size: int = 600, eos_token: str = "<|im_end|>"):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -45,7 +48,7 @@ def build_tokenizer(out: Path, vocab_size: int = 600):
     )
     tok.train_from_iterator(corpus(), trainer=trainer)
     hf = PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+        tokenizer_object=tok, eos_token=eos_token, pad_token="<|endoftext|>",
         additional_special_tokens=SPECIAL[1:],
     )
     hf.chat_template = CHATML
@@ -53,20 +56,22 @@ def build_tokenizer(out: Path, vocab_size: int = 600):
     return hf
 
 
-def build_model(out: Path, seed: int = 0, hidden: int = 64, layers: int = 2) -> Path:
+def build_model(out: Path, seed: int = 0, hidden: int = 64, layers: int = 2, eos_token: str = "<|im_end|>") -> Path:
     """Save a random Qwen2ForCausalLM with a trained tokenizer into `out`; return `out`."""
     import torch
     from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    tok = build_tokenizer(out)
+    if eos_token not in SPECIAL:
+        raise ValueError(f"eos_token={eos_token!r}: use one of {SPECIAL}")
+    tok = build_tokenizer(out, eos_token=eos_token)
     cfg = Qwen2Config(
         vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
         max_position_embeddings=2048, tie_word_embeddings=True,
         bos_token_id=tok.convert_tokens_to_ids("<|endoftext|>"),
-        eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"),
+        eos_token_id=tok.convert_tokens_to_ids(eos_token),
         pad_token_id=tok.pad_token_id, torch_dtype="float32",
     )
     torch.manual_seed(seed)

@@ -273,10 +273,12 @@ def test_vllm_gets_the_same_prompts_and_its_outputs_are_graded_alike(hf_run, tin
     longest = max(len(p["prompt_token_ids"]) for p in got["prompts"])
     assert got["llm"] == {"model": str(tiny_model.resolve()), "max_model_len": longest + 16, "dtype": "bfloat16",
                           "gpu_memory_utilization": 0.85, "seed": 42, "tensor_parallel_size": 1, "enforce_eager": True}
-    assert got["params"] == {"n": 1, "temperature": 0.0, "max_tokens": 16, "stop": [], "include_stop_str_in_output": True}
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny_model)
+    assert got["params"] == {"n": 1, "temperature": 0.0, "max_tokens": 16, "stop": [],
+                             "stop_token_ids": [tok.convert_tokens_to_ids("<|im_end|>")],  # the end of turn
+                             "include_stop_str_in_output": True}
     first = tok.decode(got["prompts"][0]["prompt_token_ids"])
     assert first.startswith("<|im_start|>user\n" + preds[0]["question"]) and first.endswith("<|im_start|>assistant\n")
 

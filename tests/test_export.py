@@ -58,6 +58,28 @@ def test_lora_export_writes_adapter_and_merged_model(lora_run, tiny_model):
 
 
 @pytest.mark.slow
+def test_merged_lora_delta_is_b_times_a_times_scale(lora_run):
+    """merged - base equals lora_B @ lora_A * alpha/r, computed from the checkpoint's raw tensors. The whole
+    update is ~1e-3 here, so the tolerance is set 1000x below the largest delta: a doubled or halved B fails."""
+    from safetensors.torch import load_file
+
+    raw = load_file(str(lora_run / "sft" / "global_step_3" / "huggingface" / "model.safetensors"))
+    merged = load_file(str(lora_run / "sft" / "hf" / "model.safetensors"))
+    meta = json.loads((lora_run / "sft" / "global_step_3" / "lora_train_meta.json").read_text())
+    scale = meta["lora_alpha"] / meta["r"]
+    assert scale == 2.0  # --lora_alpha 8 --lora_rank 4
+    adapted = sorted(k.split(".lora_A.")[0] for k in raw if ".lora_A." in k)
+    assert adapted
+    for prefix in adapted:
+        name = prefix.removeprefix("base_model.model.") + ".weight"
+        base = raw[f"{prefix}.base_layer.weight"].double()
+        a, b = raw[f"{prefix}.lora_A.default.weight"].double(), raw[f"{prefix}.lora_B.default.weight"].double()
+        expected, delta = b @ a * scale, merged[name].double() - base
+        assert expected.abs().max() > 1e-4, f"{name}: no update to test against"
+        assert torch.allclose(delta, expected, rtol=0, atol=1e-3 * expected.abs().max().item()), name
+
+
+@pytest.mark.slow
 def test_checkpoint_without_hf_model_goes_through_verls_merger(lora_run, tmp_path):
     from safetensors.torch import load_file
 
