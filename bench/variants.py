@@ -17,8 +17,12 @@ import shlex
 def variant_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     p.add_argument("--name", default=None, help="label in the table (default: built from the flags)")
-    p.add_argument("--shape", choices=["tiny", "0.5b", "1.5b"], default="1.5b")
+    p.add_argument("--shape", choices=["tiny", "0.5b", "1.5b", "tiny-untied", "0.5b-untied", "1.5b-untied"],
+                   default="1.5b", help="Qwen2.5 shape, random weights; -untied: an LM head of its own")
     p.add_argument("--hand", action="store_true", help="this variant is the hand-written loop, not verl")
+    p.add_argument("--shipped", action="store_true",
+                   help="config.yaml's kernels as a user gets them (attention, liger, fused loss: auto); --attn, "
+                        "--liger and --fused_ce are ignored")
     p.add_argument("--attn", default="ladder_varlen", help="sdpa | ladder_varlen | eager | flex_attention")
     p.add_argument("--liger", action="store_true", help="model.use_liger (RMSNorm, SwiGLU, RoPE kernels)")
     p.add_argument("--fused_ce", choices=["off", "torch", "triton", "liger", "ladder"], default="off",
@@ -90,8 +94,11 @@ def expand(args) -> list[argparse.Namespace]:
 def label(v) -> str:
     if v.hand:
         return f"{v.shape} hand loop (sdpa, ckpt, fp32+autocast)"
-    parts = [v.shape, v.attn] + (["unpacked"] if v.unpacked else []) + (["liger"] if v.liger else [])
-    parts += [f"ce:{v.fused_ce}"] if v.fused_ce != "off" else []
+    if v.shipped:
+        parts = [v.shape, "shipped defaults"] + (["unpacked"] if v.unpacked else [])
+    else:
+        parts = [v.shape, v.attn] + (["unpacked"] if v.unpacked else []) + (["liger"] if v.liger else [])
+        parts += [f"ce:{v.fused_ce}"] if v.fused_ce != "off" else []
     parts += ["no-ckpt" if v.no_grad_ckpt else "ckpt"] + ([f"{v.max_tokens} tok"] if v.max_tokens else [])
     parts += [f"batch {v.batch_size}"] if v.batch_size else []
     parts += (["fused-adam"] if v.fused_adam else []) + (["no-reshard"] if v.no_reshard else [])

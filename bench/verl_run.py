@@ -45,12 +45,13 @@ def profile_dir(v, work: Path) -> Path:
 def variant_overrides(v, model: Path, parquet: Path, work: Path, device: str) -> list[str]:
     """The variant's flags as ladder's config overrides (what `./train.sh` takes)."""
     o = [f"model.path={model}", f"data.train_file={parquet}", f"run.output_dir={work / 'runs'}",
-         f"run.name={slug(v.name)}", f"model.attn_implementation={v.attn}", f"launch.device={device}",
+         f"run.name={slug(v.name)}", f"launch.device={device}",
          f"trainer.total_training_steps={total_steps(v)}", "sft.epochs=100", "sft.save_freq=-1",
          # a constant lr: variants of different lengths see the same lr at step k, so losses compare
          "sft.warmup_ratio=0", "sft.verl.optim.lr_scheduler_type=constant"]
     # the stage adds the verl keys for these (stages/launch.py kernels()), as it does for config.yaml's defaults
-    o += [f"model.liger={str(v.liger).lower()}", f"model.fused_ce={v.fused_ce}"]
+    if not v.shipped:
+        o += [f"model.attn_implementation={v.attn}", f"model.liger={str(v.liger).lower()}", f"model.fused_ce={v.fused_ce}"]
     if v.fused_adam:
         o.append("++sft.verl.optim.override_optimizer_config.fused=true")
     if v.no_reshard:

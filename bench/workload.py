@@ -35,6 +35,10 @@ SHAPES = {
 }
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, tie_word_embeddings=True)
+# the same shapes with an LM head of its own, as Qwen2.5-7B+, Llama 3, Mistral and Qwen2.5-Coder-0.5B as
+# converted from GGUF have it (under FSDP2 verl wraps such a head as a unit of its own)
+SHAPES.update({f"{name}-untied": dict(shape, tie_word_embeddings=False) for name, shape in list(SHAPES.items())})
+TINY_UNTIED = dict(TINY, tie_word_embeddings=False)
 
 
 # ---- data: GSM8K rows → ladder's data_prep → one SFT parquet
@@ -105,7 +109,7 @@ def random_model(shape: str, out: Path, device: str, **token_ids) -> int:
     """Save random bf16 weights of a Qwen2.5 shape (or TINY, vocab 2048) to out; return the parameter count."""
     cfg = Qwen2Config(vocab_size=VOCAB if shape in SHAPES else 2048, max_position_embeddings=32768,
                       rope_theta=1000000.0, rms_norm_eps=1e-6, torch_dtype="bfloat16", **token_ids,
-                      **SHAPES.get(shape, TINY))
+                      **SHAPES.get(shape, TINY_UNTIED if shape == "tiny-untied" else TINY))
     torch.manual_seed(0)
     with torch.device(device):
         model = Qwen2ForCausalLM(cfg).to(torch.bfloat16)

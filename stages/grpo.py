@@ -19,7 +19,8 @@ What ladder sets on top of verl's defaults (all visible with --dry_run):
   - KL as a loss (low_var_kl, 0.001) against the initial policy, no KL in the reward, no entropy bonus;
     lr 1e-6, response length 1024, dynamic batching, torch.compile off; the actor's attention is
     model.attn_implementation as the SFT stage resolves it (`auto`: ladder_varlen on CUDA without
-    flash-attn, sdpa on CPU); liger and the fused loss are SFT-only for now (not measured in GRPO);
+    flash-attn, sdpa on CPU), and so is the fused loss (model.fused_ce: plugins/fused_ce.py in the update and
+    the old/reference log-prob passes); liger and compile are SFT-only (not measured in GRPO);
   - the reference policy is the `--init` model. With LoRA (`--use_lora`) verl's reference is the actor
     with its adapter disabled, so the init must already hold the SFT weights: resolve_init hands over
     the SFT stage's *merged* export. vLLM then loads real weights (`rollout.load_format=safetensors`) and
@@ -143,7 +144,7 @@ def main_ppo_keys(cfg, out: Path, init: str, train: str, val: str, rollout: str)
         f"+ray_kwargs.ray_init.runtime_env.env_vars.VERL_USE_EXTERNAL_MODULES={modules}",
     ] + launch.trainer_keys(cfg, out, "grpo", resume)
     # the actor's and reference's packed forward passes; the hf rollout decodes with sdpa whatever this is
-    keys += launch.kernel_keys(cfg, cfg.grpo.verl.actor_rollout_ref.model, "actor_rollout_ref.model.", attention_only=True)
+    keys += launch.kernel_keys(cfg, cfg.grpo.verl.actor_rollout_ref.model, "actor_rollout_ref.model.", actor=True)
     if lora and rollout == "vllm":
         keys.append("actor_rollout_ref.rollout.load_format=safetensors")
     if lora and rollout == "hf":
@@ -160,9 +161,16 @@ def grpo_environment(cfg, out: Path | None) -> dict[str, str]:
     else:
         env = launch.environment(cfg, out.resolve())  # PYTHONPATH, metrics/TensorBoard paths, wandb, CPU platform
     env["VERL_USE_EXTERNAL_MODULES"] = external_modules(cfg)
-    if env.pop("LADDER_COMPILE", None):  # kernel_keys(attention_only=True) loads no plugins.compile here
+    if env.pop("LADDER_COMPILE", None):  # kernel_keys(actor=True) loads no plugins.compile here
         print("[grpo] model.compile applies to the SFT stage only: GRPO's actor runs eager", file=sys.stderr)
     return env
+
+
+def worker_env_keys(env: dict[str, str]) -> list[str]:
+    """What Ray's workers must see wherever they run: the metrics paths (verl's TaskRunner, which logs, may be on
+    another node) and every VLLM_* setting (VLLM_USE_FLASHINFER_SAMPLER=0 where flashinfer is not installed)."""
+    names = ["VERL_FILE_LOGGER_PATH", "TENSORBOARD_DIR", *sorted(k for k in env if k.startswith("VLLM_"))]
+    return [f"+ray_kwargs.ray_init.runtime_env.env_vars.{key}='{env[key]}'" for key in names if key in env]  # quoted: Hydra reads a bare 0 as an int
 
 
 # ---- the stage
@@ -195,9 +203,7 @@ def run(cfg) -> int:
     write_manifest(out, status="running", **record)
     env = grpo_environment(cfg, out)
     # verl's TaskRunner, which logs, may run on another node, whose raylet's environment lacks these
-    # VLLM_* settings (VLLM_USE_FLASHINFER_SAMPLER=0 without flashinfer) must reach vLLM inside the Ray workers
-    cmd += [f"+ray_kwargs.ray_init.runtime_env.env_vars.{key}={env[key]}"
-            for key in ("VERL_FILE_LOGGER_PATH", "TENSORBOARD_DIR", *sorted(k for k in env if k.startswith("VLLM_")))]
+    cmd += worker_env_keys(env)
     head = ray_cluster.start_head(cfg, env) if multinode else None
     if not head:  # one node: a Ray of its own, even where another job's cluster runs (ray.init would join it)
         env.setdefault("RAY_ADDRESS", "local")

@@ -64,26 +64,28 @@ def compile_backend(value) -> str:
     return backend
 
 
-def kernel_keys(cfg, model, prefix: str = "model.", attention_only: bool = False) -> list[str]:
+def kernel_keys(cfg, model, prefix: str = "model.", actor: bool = False) -> list[str]:
     """verl keys for kernels(cfg) under `prefix`; a key already set in `model` (the verl model block) wins.
 
-    GRPO takes the attention only: liger, the fused loss and compile are not measured in its actor yet.
+    actor=True (GRPO's actor, reference and log-prob passes): the attention and the fused loss, which verl's
+    actor runs through the same model forward as SFT; liger and compile are SFT's only (not measured there).
     """
     k = kernels(cfg)
     keys = {"override_config.attn_implementation": k["attn"]}
     libs = []  # ladder's plugins that verl imports in every process that builds the model
     if k["attn"] == "ladder_varlen":
         libs.append("plugins.attention")
-    if k["compile"] and not attention_only:
+    if k["compile"] and not actor:
         libs.append("plugins.compile")
-    if k["fused_ce"] == "ladder" and not attention_only:
+    if k["fused_ce"] == "ladder":
         libs.append("plugins.fused_ce")
     if libs:
         keys["external_lib"] = libs[0] if len(libs) == 1 else f"[{','.join(libs)}]"
-    if not attention_only:
-        keys.update({"use_liger": k["liger"], "use_fused_kernels": k["fused_ce"] != "off"})
-        if k["fused_ce"] != "off":  # ladder's replaces the function verl's torch backend calls
-            keys["fused_kernel_options.impl_backend"] = "torch" if k["fused_ce"] == "ladder" else k["fused_ce"]
+    if not actor:
+        keys["use_liger"] = k["liger"]
+    keys["use_fused_kernels"] = k["fused_ce"] != "off"
+    if k["fused_ce"] != "off":  # ladder's replaces the function verl's torch backend calls
+        keys["fused_kernel_options.impl_backend"] = "torch" if k["fused_ce"] == "ladder" else k["fused_ce"]
     return [f"++{prefix}{key}={str(value).lower() if isinstance(value, bool) else value}"
             for key, value in keys.items() if OmegaConf.select(model, key) is None]
 

@@ -56,8 +56,12 @@ def build_tokenizer(out: Path, vocab_size: int = 600, eos_token: str = "<|im_end
     return hf
 
 
-def build_model(out: Path, seed: int = 0, hidden: int = 64, layers: int = 2, eos_token: str = "<|im_end|>") -> Path:
-    """Save a random Qwen2ForCausalLM with a trained tokenizer into `out`; return `out`."""
+def build_model(out: Path, seed: int = 0, hidden: int = 64, layers: int = 2, tie: bool = True,
+                eos_token: str = "<|im_end|>") -> Path:
+    """Save a random Qwen2ForCausalLM with a trained tokenizer into `out`; return `out`.
+
+    tie=False gives lm_head its own weight, as in Qwen2.5-7B, Llama 3 and Mistral; eos_token="<|endoftext|>"
+    declares a base model's EOS (see the module docstring)."""
     import torch
     from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 
@@ -69,7 +73,7 @@ def build_model(out: Path, seed: int = 0, hidden: int = 64, layers: int = 2, eos
     cfg = Qwen2Config(
         vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-        max_position_embeddings=2048, tie_word_embeddings=True,
+        max_position_embeddings=2048, tie_word_embeddings=tie,
         bos_token_id=tok.convert_tokens_to_ids("<|endoftext|>"),
         eos_token_id=tok.convert_tokens_to_ids(eos_token),
         pad_token_id=tok.pad_token_id, torch_dtype="float32",

@@ -34,6 +34,12 @@ def test_all_chains_sft_grpo_eval_and_a_rerun_resumes(tiny_model, gsm8k_dir, tmp
     assert Path(final["model"]) == Path(grpo["hf_model"]) and final["metrics"]["n"] == 4
     report = (run / "report.md").read_text()
     assert "## GRPO" in report and "all_equal_groups" in report and "Evaluation on" in report
+    # the ladder at a glance: every rung evaluated on the same test problems, in order
+    ladder = report.split("## The ladder")[1].split("\n## ")[0]
+    assert [line.split(" | ")[0].lstrip("| ") for line in ladder.splitlines() if line.startswith("| ") and
+            "---" not in line][1:] == ["base", "sft", "grpo"]
+    assert json.loads((run / "sft" / "eval" / "metrics.json").read_text())["n"] == 4
+    assert (run / "report" / "figures" / "ladder.png").stat().st_size > 1000
     # every training step's groups were counted from verl's rollout dump: 4 prompts, 2 samples each
     assert [(r["step"], r["groups"]) for r in grpo["curve"] if "groups" in r] == [(1, 4), (2, 4)]
     assert all(0 <= r["all_equal_groups"] <= 1 for r in grpo["curve"] if "groups" in r)

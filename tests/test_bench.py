@@ -139,3 +139,23 @@ def test_profiled_bench_run_on_cpu_writes_the_breakdown(tmp_path, gsm8k_dir):
     assert len(p["steps"]) == 2 and all(s["micro_batches"] >= 1 for s in p["steps"]) and len(p["between_steps_ms"]) == 1
     assert p["gpu"] is False and p["top_cpu_self_ms"]
     assert "[bench] profile of" in proc.stdout
+
+
+def test_shipped_variant_takes_config_yamls_kernels_and_untied_shapes_have_a_head_of_their_own(tmp_path):
+    """--shipped is what `./train.sh` gives a user (auto kernels, batch 64); -untied shapes build lm_head apart."""
+    import importlib.util
+
+    from bench import workload
+
+    shipped, _, v = launched(["--shipped", "--shape", "0.5b-untied", "--liger", "--attn", "sdpa"], tmp_path)
+    assert v.name == "0.5b-untied shipped defaults ckpt"
+    # auto on CUDA without flash-attn: ladder_varlen, and ladder's fused loss where triton imports
+    assert shipped.model.override_config.attn_implementation == "ladder_varlen"
+    assert shipped.model.use_fused_kernels is bool(importlib.util.find_spec("triton"))
+    assert shipped.data.train_batch_size == 64
+    chosen, _, _ = launched(["--liger", "--attn", "sdpa"], tmp_path)
+    assert chosen.model.override_config.attn_implementation == "sdpa" and chosen.model.use_liger is True
+    workload.random_model("tiny-untied", tmp_path / "m", "cpu")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert config["tie_word_embeddings"] is False
+    assert workload.SHAPES["0.5b-untied"] == dict(workload.SHAPES["0.5b"], tie_word_embeddings=False)

@@ -389,8 +389,13 @@ def test_default_vllm_command_fits_verls_schema(tiny_model, rl_files, capsys, mo
     assert (ar.actor.use_kl_loss, ar.actor.kl_loss_coef, ar.actor.entropy_coeff) == (True, 0.001, 0.0)
     assert (ar.rollout.val_kwargs.temperature, ar.rollout.val_kwargs.do_sample) == (0, False)
     assert ar.model.path == str(tiny_model) and ar.model.lora_rank == 0
-    # a CUDA launch without flash-attn trains on packed rows through ladder's varlen attention
-    assert (ar.model.override_config.attn_implementation, ar.model.external_lib) == ("ladder_varlen", "plugins.attention")
+    # a CUDA launch without flash-attn trains on packed rows through ladder's varlen attention, and the actor's
+    # update and log-prob passes take ladder's fused loss (triton imports here: the test extra has it)
+    assert ar.model.override_config.attn_implementation == "ladder_varlen"
+    assert list(ar.model.external_lib) == ["plugins.attention", "plugins.fused_ce"]
+    assert (ar.model.use_fused_kernels, ar.model.fused_kernel_options.impl_backend) == (True, "torch")
+    # vLLM's KV cache sized for a prompt and its response, not the model's whole context
+    assert (ar.rollout.max_model_len, ar.rollout.enforce_eager) == (512 + 1024, False)
     assert cfg.reward.custom_reward_function.path == str(REPO / "rewards" / "__init__.py")
     assert cfg.reward.custom_reward_function.name == "compute_score"
     assert "wandb" not in cfg.trainer.logger and {"console", "tensorboard"} <= set(cfg.trainer.logger)
@@ -452,6 +457,19 @@ def test_compile_is_sft_only_and_grpo_says_so(tiny_model, rl_files, capsys, monk
     from stages.config import load_config
 
     (cmd,) = dry_run(["--init", str(tiny_model), *rl_files, "run.name=x", "model.compile=true"], capsys, monkeypatch)
-    assert verl_schema_compose(main_ppo_args(cmd)).actor_rollout_ref.model.external_lib == "plugins.attention"
+    assert "plugins.compile" not in list(verl_schema_compose(main_ppo_args(cmd)).actor_rollout_ref.model.external_lib)
     env = grpo.grpo_environment(load_config("grpo", ["model.compile=true"]), tmp_path)
     assert "LADDER_COMPILE" not in env and "SFT stage only" in capsys.readouterr().err
+
+
+def test_vllm_settings_and_metrics_paths_reach_rays_workers(tmp_path):
+    env = {"VLLM_USE_FLASHINFER_SAMPLER": "0", "VERL_FILE_LOGGER_PATH": "/m.jsonl", "TENSORBOARD_DIR": "/tb",
+           "HOME": "/root"}
+    keys = grpo.worker_env_keys(env)
+    assert keys == ["+ray_kwargs.ray_init.runtime_env.env_vars.VERL_FILE_LOGGER_PATH='/m.jsonl'",
+                    "+ray_kwargs.ray_init.runtime_env.env_vars.TENSORBOARD_DIR='/tb'",
+                    "+ray_kwargs.ray_init.runtime_env.env_vars.VLLM_USE_FLASHINFER_SAMPLER='0'"]
+    # Ray takes only strings there: a bare 0 reached it as an int and stopped GRPO on the GPU host (2026-12-03)
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    assert [o.value() for o in OverridesParser.create().parse_overrides(keys)] == ["/m.jsonl", "/tb", "0"]
