@@ -238,7 +238,7 @@ def test_data_prep_is_called_with_the_data_section(monkeypatch, tmp_path):
     import data_prep
 
     calls = []
-    monkeypatch.setattr(data_prep, "prepare", lambda cfg, out: calls.append((cfg, out)) or
+    monkeypatch.setattr(data_prep, "prepare", lambda cfg, out, **length_check: calls.append((cfg, out)) or
                         {"sft_train": str(out / "sft_train.parquet")})
     cfg = load_config("sft", [f"run.output_dir={tmp_path}", "run.name=x"])
     train, val = sft.sft_files(cfg)
@@ -253,13 +253,15 @@ def test_flag_beats_environment(train_file):
     assert "optim.lr=2e-05" in out.stdout and "--nproc_per_node=4" in out.stdout, out.stderr
 
 
-def test_missing_files_are_named(tmp_path):
+def test_missing_files_are_named(tmp_path, tiny_model):
     out = subprocess.run(["./train.sh", "--train_data", str(tmp_path / "none.parquet")], cwd=REPO,
                          capture_output=True, text=True)
     assert out.returncode != 0 and f"data.train_file={tmp_path / 'none.parquet'}: no such file" in out.stderr
-    (tmp_path / "t.parquet").touch()
-    out = subprocess.run(["./train.sh", "--train_data", str(tmp_path / "t.parquet"), "--resume_from", "/nope"],
-                         cwd=REPO, capture_output=True, text=True)
+    # a readable file and a local model, so that the samples' length check passes and --resume_from is next
+    pd.DataFrame({"messages": [[{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]]}).to_parquet(
+        tmp_path / "t.parquet")
+    out = subprocess.run(["./train.sh", "--train_data", str(tmp_path / "t.parquet"), "--model", str(tiny_model),
+                          "--resume_from", "/nope"], cwd=REPO, capture_output=True, text=True)
     assert "expected an existing verl checkpoint folder named global_step_N" in out.stderr
 
 
@@ -393,7 +395,7 @@ def test_finished_run_is_exported_not_relaunched(tiny_model, tmp_path, monkeypat
     pd.DataFrame({"messages": [[{"role": "user", "content": "q"}]] * 32}).to_parquet(data)
     monkeypatch.setattr(subprocess, "call", lambda *a, **k: pytest.fail("relaunched a finished run"))
     cfg = load_config("sft", [f"run.output_dir={tmp_path}", "run.name=x", f"data.train_file={data}",
-                              "sft.batch_size=8", "sft.epochs=1"])
+                              "sft.batch_size=8", "sft.epochs=1", "launch.device=cpu", f"model.path={tiny_model}"])
     assert sft.run(cfg) == 0
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["global_step"] == 4 and Path(manifest["hf_model"], "model.safetensors").exists()
