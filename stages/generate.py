@@ -10,7 +10,9 @@ auto: when vllm imports and a GPU is present; run in a child process so its GPU 
 max_model_len is the longest prompt + eval.max_new_tokens unless eval.max_model_len is set; eager mode by
 default, eval.enforce_eager: false captures CUDA graphs) or `hf` (transformers generate: batched longest-first, left
 padding, KV cache; eval.batch_size null starts at 256 on GPU and halves on CUDA OOM). Both stop at the
-template's stop strings (r1: `</answer>`, kept so the grader sees it), EOS or eval.max_new_tokens.
+template's stop strings (r1: `</answer>`, kept so the grader sees it), EOS, the chat template's end-of-turn
+token (`end_of_turn`: a base model such as Qwen2.5-0.5B declares `<|endoftext|>` as EOS, while its SFT'd
+answers end with `<|im_end|>`) or eval.max_new_tokens.
 """
 from __future__ import annotations
 
@@ -86,6 +88,16 @@ def load_tokenizer(model: str):
     return tok
 
 
+def end_of_turn(tok) -> int | None:
+    """The special token the chat template puts right after an assistant message's content (ChatML:
+    `<|im_end|>`, Llama 3: `<|eot_id|>`), or None. SFT trains the model to say it, so generation stops there
+    even where the model's declared EOS is another token (base models)."""
+    marker = "ladder-end-of-turn-probe"
+    text = tok.apply_chat_template([{"role": "user", "content": "q"}, {"role": "assistant", "content": marker}],
+                                   tokenize=False)
+    after = tok.encode(text.split(marker, 1)[1], add_special_tokens=False) if marker in text else []
+    return after[0] if after and after[0] in tok.all_special_ids else None
+
 
 # ---- the two backends: the same prompt token ids in, Generations in prompt order out
 def first_stop(text: str, stops) -> int | None:
@@ -94,8 +106,8 @@ def first_stop(text: str, stops) -> int | None:
     return min(ends) if ends else None
 
 
-def vllm_generate(model: str, prompts: list[list[int]], cfg, stops, sampling: dict | None = None, n: int = 1
-                  ) -> tuple[list[Generation], float]:
+def vllm_generate(model: str, prompts: list[list[int]], cfg, stops, sampling: dict | None = None, n: int = 1,
+                  stop_ids: tuple[int, ...] = ()) -> tuple[list[Generation], float]:
     """vLLM, greedy unless `sampling` ({temperature, top_p}); `n` samples per prompt (vLLM's own `n`, one
     request each, so the samples differ). The engine runs in a child process (`python -m stages.generate`):
     its GPU memory is free again when this returns, so a training stage can follow in the same run (EI,
@@ -107,7 +119,7 @@ def vllm_generate(model: str, prompts: list[list[int]], cfg, stops, sampling: di
                       "gpu_memory_utilization": float(e.gpu_memory_utilization), "seed": int(cfg.run.seed),
                       "tensor_parallel_size": int(e.tensor_parallel_size), "enforce_eager": bool(e.enforce_eager)},
            "sampling": {"n": int(n), "temperature": 0.0, "max_tokens": int(e.max_new_tokens), "stop": list(stops),
-                        "include_stop_str_in_output": True, **(sampling or {})}}
+                        "stop_token_ids": list(stop_ids), "include_stop_str_in_output": True, **(sampling or {})}}
     if longest > job["engine"]["max_model_len"]:
         raise GenerationError(f"longest prompt ({longest - int(e.max_new_tokens)} tokens) + eval.max_new_tokens "
                               f"({e.max_new_tokens}) > eval.max_model_len ({e.max_model_len}); raise it or leave it null")
@@ -165,7 +177,7 @@ def hf_generate(model: str, tok, prompts: list[list[int]], cfg, stops, sampling:
     dtype = getattr(torch, str(cfg.eval.dtype)) if cuda else torch.float32
     net = AutoModelForCausalLM.from_pretrained(model, dtype=dtype).to("cuda" if cuda else "cpu").eval()
     eos = net.generation_config.eos_token_id
-    eos = {tok.eos_token_id, *(eos if isinstance(eos, list) else [eos])} - {None}
+    eos = {tok.eos_token_id, end_of_turn(tok), *(eos if isinstance(eos, list) else [eos])} - {None}
     pad = tok.pad_token_id if tok.pad_token_id is not None else min(eos)
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # longest first: OOM shows early
     size, fixed = int(cfg.eval.batch_size or (256 if cuda else 32)), bool(cfg.eval.batch_size)
@@ -201,7 +213,8 @@ def generate(cfg, model: str, tok, prompts: list[list[int]], stops, sampling: di
              ) -> tuple[list[Generation], float]:
     """`prompts` on backend(cfg): greedy unless `sampling` ({temperature, top_p}) is given; `n` per prompt."""
     if backend(cfg) == "vllm":
-        return vllm_generate(model, prompts, cfg, stops, sampling, n)
+        turn = end_of_turn(tok) if tok is not None else None
+        return vllm_generate(model, prompts, cfg, stops, sampling, n, () if turn is None else (turn,))
     return hf_generate(model, tok, prompts, cfg, stops, sampling, n)
 
 

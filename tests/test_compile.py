@@ -44,6 +44,7 @@ def compiled(request):
     torch._dynamo.reset()
 
 
+@pytest.mark.slow  # torch.compile: 10-25 s a case on 2 cores
 @pytest.mark.parametrize("compiled,ckpt", [("aot_eager", False), ("aot_eager", True), ("inductor", True)],
                          indirect=["compiled"])
 def test_compiled_layers_match_eager_across_token_counts(compiled, ckpt):
@@ -68,6 +69,7 @@ def test_compiled_layers_match_eager_across_token_counts(compiled, ckpt):
             torch.testing.assert_close(g_grads[name], w_grads[name], atol=1e-6, rtol=1e-4, msg=name)
 
 
+@pytest.mark.slow  # compiles a layer: ~10 s on 2 cores
 def test_disable_restores_eager_layers():
     from transformers.modeling_layers import GradientCheckpointingLayer
     from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer
@@ -100,6 +102,7 @@ def test_compile_switch_and_unknown_backend():
 
 
 # ---- verl's trainer on CPU, eager and compiled, same rows: the same losses
+@pytest.mark.slow
 def test_sft_stage_trains_the_same_with_compiled_layers(tiny_model, gsm8k_dir, tmp_path):
     data = sft_parquet(tiny_model, gsm8k_dir, tmp_path / "d.parquet", rows=16)
     losses = {}

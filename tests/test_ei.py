@@ -69,16 +69,33 @@ def test_round_keeping_nothing_stops_with_advice(tiny_model, tmp_path, monkeypat
     assert not (tmp_path / "r" / "ei" / "round_1" / "sft").exists()
 
 
-def test_filter_caps_and_drops_truncated():
+def one_problem(gold="5"):
     import pandas as pd
 
-    problems = pd.DataFrame([{"data_source": "openai/gsm8k", "prompt": [{"role": "user", "content": "q"}],
-                              "reward_model": {"ground_truth": "5"}, "extra_info": {"index": 0}}])
-    gens = [Generation("#### 5", "stop", 3), Generation("so #### 5", "stop", 4), Generation("ok #### 5", "stop", 4),
-            Generation("#### 5 and more", "length", 8)]
-    rows, stats = ei.filter_samples(problems, gens, 4, "strict", cap=2)
+    return pd.DataFrame([{"data_source": "openai/gsm8k", "prompt": [{"role": "user", "content": "q"}],
+                          "reward_model": {"ground_truth": gold}, "extra_info": {"index": 0}}])
+
+
+def test_filter_drops_truncated_and_duplicates_then_caps():
+    # the truncated one comes first and the cap is loose: only the finish-reason check can drop it
+    gens = [Generation("#### 5 and more", "length", 8), Generation("#### 5", "stop", 3),
+            Generation("#### 5", "stop", 3), Generation("so #### 5", "stop", 4), Generation("ok #### 5", "stop", 4)]
+    rows, stats = ei.filter_samples(one_problem(), gens, 5, "strict", cap=10)
+    assert [r["messages"][1]["content"] for r in rows] == ["#### 5", "so #### 5", "ok #### 5"]
+    assert [r["tokens"] for r in rows] == [3, 4, 4]
+    assert (stats["correct_samples"], stats["kept"], stats["solve_rate"]) == (5, 3, 1.0)
+    rows, stats = ei.filter_samples(one_problem(), gens, 5, "strict", cap=2)
     assert [r["messages"][1]["content"] for r in rows] == ["#### 5", "so #### 5"]
-    assert stats["correct_samples"] == 4 and stats["kept"] == 2
+
+
+@pytest.mark.parametrize("keep,kept,correct", [("strict", ["#### 5"], 1),
+                                               ("lenient", ["The answer is 5", "#### 5"], 2)])
+def test_filter_keeps_by_the_grader_ei_keep_names(keep, kept, correct):
+    """'The answer is 5' is right only under the lenient grader (last number), not the strict one (`####`)."""
+    gens = [Generation("The answer is 5", "stop", 4), Generation("#### 5", "stop", 3), Generation("#### 4", "stop", 3)]
+    rows, stats = ei.filter_samples(one_problem(), gens, 3, keep, cap=4)
+    assert [r["messages"][1]["content"] for r in rows] == kept
+    assert (stats["correct_samples"], stats["kept"]) == (correct, len(kept))
 
 
 def test_sample_draws_k_per_question_with_eis_settings(tiny_model):

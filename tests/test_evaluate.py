@@ -275,10 +275,12 @@ def test_vllm_gets_the_same_prompts_and_its_outputs_are_graded_alike(hf_run, tin
     longest = max(len(p["prompt_token_ids"]) for p in got["prompts"])
     assert got["llm"] == {"model": str(tiny_model.resolve()), "max_model_len": longest + 16, "dtype": "bfloat16",
                           "gpu_memory_utilization": 0.85, "seed": 42, "tensor_parallel_size": 1, "enforce_eager": True}
-    assert got["params"] == {"n": 1, "temperature": 0.0, "max_tokens": 16, "stop": [], "include_stop_str_in_output": True}
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny_model)
+    assert got["params"] == {"n": 1, "temperature": 0.0, "max_tokens": 16, "stop": [],
+                             "stop_token_ids": [tok.convert_tokens_to_ids("<|im_end|>")],  # the end of turn
+                             "include_stop_str_in_output": True}
     first = tok.decode(got["prompts"][0]["prompt_token_ids"])
     assert first.startswith("<|im_start|>user\n" + preds[0]["question"]) and first.endswith("<|im_start|>assistant\n")
 
@@ -342,6 +344,30 @@ def test_all_checkpoints_curve_best_plots_and_report(tiny_model, tmp_path):
     assert stages_main(argv) == 0  # a rerun reuses the step results and replaces the section
     assert (out / "step_2" / "predictions.jsonl").stat().st_mtime_ns == stamp
     assert (tmp_path / "run" / "report.md").read_text().count("## Evaluation on gsm8k over checkpoints") == 1
+
+
+def test_best_checkpoint_is_the_most_accurate_one(tiny_model, tmp_path, monkeypatch):
+    """Three checkpoints, the middle one the most accurate (planted completions): best is step 5, not the
+    first, the last or the least accurate."""
+    sft = tmp_path / "run" / "sft"
+    for step in (2, 5, 10):
+        shutil.copytree(tiny_model, sft / f"global_step_{step}" / "huggingface")
+    answers = {2: ["12", "0", "0"], 5: ["12", "2", "0"], 10: ["0", "0", "4"]}  # golds 12, 2, 4: 1/3, 2/3, 1/3
+
+    def planted(cfg, model, tok, prompts, stops, sampling=None, n=1):
+        step = int(Path(model).parts[-3].rsplit("_", 1)[1])  # …/global_step_N/ladder_export/hf
+        return [Generation(f"#### {a}", "stop", 3) for a in answers[step]], 0.1
+
+    monkeypatch.setattr(generate, "generate", planted)
+    data = parquet(tmp_path, "gsm8k", [("What is 3 times 4?", "12"), ("Add 1 and 1.", "2"), ("Half of 8?", "4")])
+    assert stages_main([*EVAL, "--init", str(sft), "--all_checkpoints", f"eval.dataset={data}"]) == 0
+    out = tmp_path / "run" / "eval"
+    assert [(r["step"], round(r["accuracy"], 3)) for r in lines(out / "curve.jsonl")] == [(2, 0.333), (5, 0.667),
+                                                                                          (10, 0.333)]
+    best = json.loads((out / "best.json").read_text())
+    assert (best["step"], round(best["accuracy"], 3)) == (5, 0.667) and "global_step_5" in best["model"]
+    assert (out / "best").resolve() == (out / "step_5").resolve()
+    assert json.loads((out / "manifest.json").read_text())["best_step"] == 5
 
 
 def test_report_sections_replace_and_keep_stage_order(tmp_path):

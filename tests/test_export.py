@@ -11,7 +11,7 @@ import torch
 
 from stages.__main__ import main as stages_main
 from stages.export import check_model_folder, export, resolve_init
-from tests.test_sft import TRAIN, generate, sft_parquet
+from tests.test_sft import TRAIN, sft_parquet
 
 
 @pytest.fixture(scope="module")
@@ -23,6 +23,33 @@ def lora_run(tiny_model, gsm8k_dir, tmp_path_factory) -> Path:
                         "--use_lora", "--lora_rank", "4", "--lora_alpha", "8", "--save_freq", "2",
                         f"run.output_dir={root}", "run.name=r"]) == 0
     return root / "r"
+
+
+def ladder_greedy(folder) -> list[str]:
+    """ladder's own generation (the eval stage's and EI's, hf backend) from an exported folder."""
+    from stages import generate as gen
+    from stages.config import load_config
+
+    tok = gen.load_tokenizer(str(folder))
+    prompts = gen.prompt_ids(tok, [[{"role": "user", "content": q}] for q in ("What is 2+3?", "Natalia sold 48 clips")])
+    cfg = load_config("eval", ["launch.device=cpu", "eval.backend=hf", "eval.max_new_tokens=8"])
+    return [g.text for g in gen.generate(cfg, str(folder), tok, prompts, ())[0]]
+
+
+def peft_greedy(base, adapter) -> list[str]:
+    """The same prompts through transformers' generate on the base model with the adapter applied (unmerged)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(base)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter).eval()
+    texts = []
+    for q in ("What is 2+3?", "Natalia sold 48 clips"):
+        ids = tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
+                                      return_tensors="pt", return_dict=True)
+        out = model.generate(**ids, max_new_tokens=8, do_sample=False, eos_token_id=tok.eos_token_id)
+        texts.append(tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True))
+    return texts
 
 
 def logits(model, text="Natalia sold 48 clips"):
@@ -54,7 +81,31 @@ def test_lora_export_writes_adapter_and_merged_model(lora_run, tiny_model):
     adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), adapter)
     assert torch.allclose(logits(plain), logits(adapted), atol=1e-4)
     assert AutoTokenizer.from_pretrained(merged).chat_template and GenerationConfig.from_pretrained(merged).eos_token_id
-    assert isinstance(generate(merged), str)
+    # ladder's generation from the merged folder says what the base with its adapter says
+    texts = ladder_greedy(merged)
+    assert all(texts) and texts == peft_greedy(tiny_model, adapter)
+
+
+@pytest.mark.slow
+def test_merged_lora_delta_is_b_times_a_times_scale(lora_run):
+    """merged - base equals lora_B @ lora_A * alpha/r, computed from the checkpoint's raw tensors. The whole
+    update is ~1e-3 here, so the tolerance is set 1000x below the largest delta: a doubled or halved B fails."""
+    from safetensors.torch import load_file
+
+    raw = load_file(str(lora_run / "sft" / "global_step_3" / "huggingface" / "model.safetensors"))
+    merged = load_file(str(lora_run / "sft" / "hf" / "model.safetensors"))
+    meta = json.loads((lora_run / "sft" / "global_step_3" / "lora_train_meta.json").read_text())
+    scale = meta["lora_alpha"] / meta["r"]
+    assert scale == 2.0  # --lora_alpha 8 --lora_rank 4
+    adapted = sorted(k.split(".lora_A.")[0] for k in raw if ".lora_A." in k)
+    assert adapted
+    for prefix in adapted:
+        name = prefix.removeprefix("base_model.model.") + ".weight"
+        base = raw[f"{prefix}.base_layer.weight"].double()
+        a, b = raw[f"{prefix}.lora_A.default.weight"].double(), raw[f"{prefix}.lora_B.default.weight"].double()
+        expected, delta = b @ a * scale, merged[name].double() - base
+        assert expected.abs().max() > 1e-4, f"{name}: no update to test against"
+        assert torch.allclose(delta, expected, rtol=0, atol=1e-3 * expected.abs().max().item()), name
 
 
 @pytest.mark.slow
@@ -84,7 +135,10 @@ def test_resolve_init_from_run_stage_manifest_and_checkpoint(lora_run):
     stamp = Path(folder, "model.safetensors").stat().st_mtime_ns
     assert resolve_init(str(lora_run / "sft" / "global_step_2")) == folder
     assert Path(folder, "model.safetensors").stat().st_mtime_ns == stamp
-    assert isinstance(generate(folder), str)
+    # the cached export generates as step 2's adapter on the base does
+    texts = ladder_greedy(folder)
+    assert all(texts) and texts == peft_greedy(json.loads((lora_run / "sft" / "manifest.json").read_text())["base_model"],
+                                               Path(folder).parent / "adapter")
 
 
 # ---- errors and the cheap cases

@@ -239,6 +239,7 @@ def fsdp_worker() -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.slow  # torchrun, two FSDP ranks: 15-25 s on 2 cores
 def test_fsdp_steps_on_two_ranks_match_full_logits_tied_untied_full_and_lora():
     """Two ranks: lm_head's gradient must be summed over both (one rank would pass a rank-local gradient)."""
     env = dict(os.environ, PYTHONPATH=str(REPO), CUDA_VISIBLE_DEVICES="")

@@ -154,6 +154,81 @@ def test_two_grpo_steps_on_cpu_change_the_actor_and_log_metrics(tiny_model, gsm8
     AutoModelForCausalLM.from_pretrained(manifest["hf_model"])
 
 
+# A reward the random tiny model earns about 30% of the time: its first token starts with a space (its first
+# tokens are near-uniform over the vocabulary), so rewards differ within most groups of 8.
+SPACE_FIRST_REWARD = """
+def compute_score(data_source, solution_str, ground_truth, extra_info=None):
+    return 1.0 if solution_str[:1] == " " else 0.0
+"""
+
+
+def response_logprobs(folder, prompts, samples) -> list[float]:
+    """Teacher-forced log-probability of each sampled response (verl's rollout dump: prompt and response
+    decoded without special tokens; the response re-tokenized) under the model in `folder`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from stages.generate import prompt_ids
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    by_text = {tok.decode(ids, skip_special_tokens=True): ids for ids in prompt_ids(tok, prompts)}
+    out = []
+    with torch.no_grad():
+        for sample in samples:
+            prompt, response = by_text[sample["input"]], tok.encode(sample["output"], add_special_tokens=False)
+            logp = model(torch.tensor([prompt + response])).logits[0, len(prompt) - 1:-1].log_softmax(-1)
+            out.append(logp.gather(-1, torch.tensor(response)[:, None]).sum().item())
+    return out
+
+
+@pytest.mark.slow
+def test_grpo_on_cpu_moves_the_policy_toward_rewarded_samples(tiny_model, gsm8k_dir, tmp_path, monkeypatch):
+    """reward → group advantage → update, with rewards that differ inside groups (a reward function of the test's
+    own, passed as verl's reward.custom_reward_function): after three steps the samples that were rewarded
+    are likelier than under the initial model, and those that were not are less likely."""
+    reward = tmp_path / "space_first.py"
+    reward.write_text(SPACE_FIRST_REWARD)
+    ladder_keys = grpo.main_ppo_keys
+
+    def keys(*args):  # ladder's command with the test's reward function in place of ladder's grader
+        return [k for k in ladder_keys(*args) if not k.startswith("reward.custom_reward_function.")] + [
+            f"reward.custom_reward_function.path={reward}", "reward.custom_reward_function.name=compute_score"]
+
+    monkeypatch.setattr(grpo, "main_ppo_keys", keys)
+    # CPU_RUN's settings, but groups of 8, 4-token responses, 3 steps, no entropy bonus and no validation
+    argv = ["--stage", "grpo", "--device", "cpu", "--rollout", "hf", "--train_size", "8", "--lr", "5e-3",
+            "--weight_decay", "0", "grpo.batch_size=4", "grpo.group_size=8", "grpo.mini_batch_size=4",
+            "grpo.micro_batch_size=8", "grpo.max_response_length=4", "grpo.epochs=2", "grpo.total_steps=3",
+            "grpo.save_freq=3", "grpo.test_freq=-1", "grpo.final_eval=false", "trainer.val_before_train=false",
+            "model.gradient_checkpointing=false", "+grpo.verl.data.dataloader_num_workers=0",
+            "actor_rollout_ref.rollout.dtype=float32", "actor_rollout_ref.rollout.agent.num_workers=1",
+            "reward.num_workers=1", "ray_kwargs.ray_init.num_cpus=4", "run.name=r"]
+    assert stages_main([*argv, "--init", str(tiny_model), f"run.output_dir={tmp_path}"]) == 0
+    out = tmp_path / "r" / "grpo"
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["global_step"] == 3
+
+    # every step's rewards differed within groups, so its advantages were not all zero
+    metrics = launch.read_metrics(out)
+    for step in (1, 2, 3):
+        m = metrics[step]
+        assert 0 < m["critic/score/mean"] < 1 and m["critic/advantages/min"] < 0 < m["critic/advantages/max"], m
+
+    import pandas as pd
+
+    samples = [json.loads(line) for step in (1, 2, 3) for line in (out / "rollouts" / f"{step}.jsonl").open()]
+    samples = [s for s in samples if s["output"]]  # a response of only an end of turn decodes to nothing
+    assert {s["score"] for s in samples} == {0.0, 1.0} and len(samples) > 80
+    prompts = list(pd.read_parquet(manifest["train_file"])["prompt"])
+    before = response_logprobs(str(tiny_model), prompts, samples)
+    after = response_logprobs(manifest["hf_model"], prompts, samples)
+    change = {score: [a - b for a, b, s in zip(after, before, samples) if s["score"] == score] for score in (0.0, 1.0)}
+    rewarded, unrewarded = (sum(change[k]) / len(change[k]) for k in (1.0, 0.0))
+    print(f"mean log-prob change: rewarded {rewarded:+.3f} ({len(change[1.0])}), "
+          f"unrewarded {unrewarded:+.3f} ({len(change[0.0])})")
+    assert rewarded > 0 > unrewarded and rewarded - unrewarded > 0.2, (rewarded, unrewarded)
+
+
 # Ray's own record of where verl's training workers ran, read while the cluster is up (it keeps dead actors)
 WATCH_WORKERS = """
 import json, socket, sys, time
