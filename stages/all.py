@@ -85,13 +85,11 @@ def rung_eval(cfg, run_dir: Path, rung: str, model: str) -> int:
     out = run_dir / rung / "eval"
     if (out / "metrics.json").exists():
         return 0
-    eval_cfg = copy.deepcopy(cfg)
-    eval_cfg.model.init, eval_cfg.eval.output_dir = str(model), str(out)
     print(f"[all] evaluating {rung}: {model}", flush=True)
     t0 = time.time()
-    rc = registry.run(eval_cfg, "eval")
+    got = chain.evaluate_into(cfg, model, out)
     add_seconds(run_dir, f"{rung}-eval", time.time() - t0)
-    return rc
+    return got if isinstance(got, int) else 0
 
 
 def add_seconds(run_dir: Path, key: str, seconds: float) -> None:

@@ -295,7 +295,11 @@ def run(cfg) -> int:
                    predictions=str(out / "predictions.jsonl"))
     report.add_section(out.parent, f"eval-{name}", f"Evaluation on {name}", f"`{model}` on `{data}` "
                        f"({how(cfg, engine)}):\n\n{report.metrics_table(metrics, definitions(metrics))}")
-    print(report.console(metrics, summary(metrics), f"{name}: {Path(model).name}"))
+    if cfg.eval.console == "line":  # a stage that evaluates on the way (the demo's before-SFT look) says one line
+        print(f"[eval] {name}: {Path(model).name}: " + ", ".join(
+            f"{k} {metrics[k]:.4g}" for k in ("n", "accuracy", "format_accuracy", "trunc_rate", "wall_seconds")))
+    else:
+        print(report.console(metrics, summary(metrics), f"{name}: {Path(model).name}"))
     return 0
 
 

@@ -15,10 +15,16 @@ def test_demo_pipeline(tmp_path, gsm8k_dir):
     assert main(["--stage", "demo", f"run.output_dir={tmp_path}", "run.name=demo", "eval.limit=8"]) == 0
     summary = json.loads((tmp_path / "demo" / "demo" / "summary.json").read_text())
     assert summary["references"] == 7473 + 1319 and summary["strict_accuracy"] == 1.0
-    assert summary["eval"]["n"] == 8
+    assert summary["eval"]["n"] == summary["before"]["n"] == 8
     manifest = json.loads((tmp_path / "demo" / "sft" / "manifest.json").read_text())
-    assert manifest["status"] == "done" and manifest["global_step"] == 4
-    assert (tmp_path / "demo" / "report.md").exists()
+    assert manifest["status"] == "done" and manifest["global_step"] == 32
+    # it visibly learns: the loss falls, and the random model's babble becomes answers in the format that stop
+    assert manifest["loss_last"] < 0.5 * manifest["loss_first"]
+    before, after = summary["before"], summary["eval"]
+    assert (before["format_accuracy"], before["trunc_rate"]) == (0.0, 1.0)
+    assert after["format_accuracy"] >= 0.75 and after["trunc_rate"] <= 0.25
+    report = (tmp_path / "demo" / "report.md").read_text()
+    assert "| before SFT |" in report and "| after SFT |" in report and "sft_loss.png" in report
 
 
 @pytest.fixture
