@@ -387,14 +387,18 @@ def test_init_replaces_the_starting_model(capsys, tiny_model, train_file):
     assert f" model.path={tiny_model.resolve()} " in line
 
 
+def finished_checkpoint(model, out, step: int = 4):
+    """A stage folder whose verl checkpoint global_step_<step> holds `model` as its huggingface/ weights."""
+    (out / f"global_step_{step}" / "huggingface").mkdir(parents=True)
+    for f in model.iterdir():
+        (out / f"global_step_{step}" / "huggingface" / f.name).write_bytes(f.read_bytes())
+    (out / "latest_checkpointed_iteration.txt").write_text(str(step))
+    return out
+
+
 def test_finished_run_is_exported_not_relaunched(tiny_model, tmp_path, monkeypatch):
     """A checkpoint that already holds every planned step goes straight to export."""
-    out = tmp_path / "x" / "sft"
-    step = out / "global_step_4"
-    (step / "huggingface").mkdir(parents=True)
-    for f in tiny_model.iterdir():
-        (step / "huggingface" / f.name).write_bytes(f.read_bytes())
-    (out / "latest_checkpointed_iteration.txt").write_text("4")
+    out = finished_checkpoint(tiny_model, tmp_path / "x" / "sft")
     data = tmp_path / "t.parquet"
     pd.DataFrame({"messages": [[{"role": "user", "content": "q"}]] * 32}).to_parquet(data)
     monkeypatch.setattr(supervise, "run_trainer", lambda *a, **k: pytest.fail("relaunched a finished run"))
@@ -498,12 +502,7 @@ def test_a_failed_trainer_leaves_a_failed_manifest_with_its_reason(tiny_model, t
 
 
 def test_the_sft_stage_writes_its_report_section_and_loss_curve(tiny_model, tmp_path, monkeypatch):
-    out = tmp_path / "x" / "sft"
-    step = out / "global_step_4"
-    (step / "huggingface").mkdir(parents=True)
-    for f in tiny_model.iterdir():
-        (step / "huggingface" / f.name).write_bytes(f.read_bytes())
-    (out / "latest_checkpointed_iteration.txt").write_text("4")
+    out = finished_checkpoint(tiny_model, tmp_path / "x" / "sft")
     (out / "logs").mkdir()
     (out / "logs" / "metrics.0.jsonl").write_text("".join(
         json.dumps({"step": s, "data": {"train/loss": 3.0 - s / 2}}) + "\n" for s in (1, 2, 3, 4)))
