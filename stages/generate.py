@@ -125,7 +125,8 @@ def vllm_generate(model: str, prompts: list[list[int]], cfg, stops, sampling: di
                               f"({e.max_new_tokens}) > eval.max_model_len ({e.max_model_len}); raise it or leave it null")
     with tempfile.TemporaryDirectory(prefix="ladder-vllm-") as tmp:
         (Path(tmp) / "job.json").write_text(json.dumps(job))
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+                   LADDER_LAUNCHER_PID=str(os.getpid()))  # the child stops when this process is gone (lifeline)
         done = subprocess.run([sys.executable, "-m", "stages.generate", tmp], env=env, cwd=REPO)
         if done.returncode or not (Path(tmp) / "out.json").exists():
             raise GenerationError(f"vLLM exited with {done.returncode} generating with {model} (its log is above); "
@@ -137,6 +138,7 @@ def vllm_generate(model: str, prompts: list[list[int]], cfg, stops, sampling: di
 
 def _vllm_child(folder: Path) -> None:
     """The child process of vllm_generate: folder/job.json in, folder/out.json out."""
+    import plugins.lifeline  # noqa: F401 (watches LADDER_LAUNCHER_PID: no engine outlives its launcher)
     from vllm import LLM, SamplingParams
 
     job = json.loads((folder / "job.json").read_text())

@@ -499,3 +499,29 @@ def test_checkpoint_plots_have_whole_steps_and_no_axis_below_zero(tmp_path, monk
     assert path.is_file() and all(float(t).is_integer() for t in ax.get_xticks())
     low, high = map(float, ax.get_ylim())
     assert (low, high) == ylim if ylim else low == 0.0 and high > 0.5
+
+
+def test_the_vllm_child_stops_when_its_launcher_is_gone(tmp_path, monkeypatch):
+    """vllm_generate's child watches the process that started it: SIGKILL of the launcher leaves no engine behind."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    fake = tmp_path / "fake_vllm" / "vllm"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("import time\nclass SamplingParams: pass\nclass LLM:\n"
+                                      "    def __init__(self, **kw):\n        time.sleep(120)\n")
+    (tmp_path / "job.json").write_text(json.dumps({"model": "m", "prompts": [[1]], "engine": {}, "sampling": {}}))
+    launcher = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    env = dict(os.environ, LADDER_LAUNCHER_PID=str(launcher.pid),
+               PYTHONPATH=os.pathsep.join([str(tmp_path / "fake_vllm"), str(Path(__file__).resolve().parents[1])]))
+    child = subprocess.Popen([sys.executable, "-m", "stages.generate", str(tmp_path)], env=env)
+    time.sleep(3)
+    assert child.poll() is None  # generating (the fake engine sleeps)
+    launcher.send_signal(signal.SIGKILL)
+    launcher.wait()
+    try:
+        assert child.wait(timeout=30) != 0
+    finally:
+        child.kill()
