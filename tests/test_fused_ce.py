@@ -269,7 +269,8 @@ def train(model: Path, data: Path, out: Path, name: str, *extra: str) -> dict:
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     metrics = [m for _, m in sorted(launch.read_metrics(out / name / "sft").items())]
     assert len(metrics) == 2, metrics
-    log = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("[fused_ce]")]
+    verl_log = "".join(p.read_text() for p in sorted((out / name / "sft" / "logs").glob("verl.*.log")))
+    log = [line for line in verl_log.splitlines() if line.startswith("[fused_ce]")]  # verl's output goes there
     return {"loss": [m["train/loss"] for m in metrics], "grad_norm": [m["train/grad_norm"] for m in metrics],
             "log": log}
 

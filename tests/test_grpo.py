@@ -191,7 +191,7 @@ def test_grpo_on_cpu_moves_the_policy_toward_rewarded_samples(tiny_model, gsm8k_
     ladder_keys = grpo.main_ppo_keys
 
     def keys(*args):  # ladder's command with the test's reward function in place of ladder's grader
-        return [k for k in ladder_keys(*args) if not k.startswith("reward.custom_reward_function.")] + [
+        return [k for k in ladder_keys(*args) if not k.lstrip("+").startswith("reward.custom_reward_function.")] + [
             f"reward.custom_reward_function.path={reward}", "reward.custom_reward_function.name=compute_score"]
 
     monkeypatch.setattr(grpo, "main_ppo_keys", keys)
