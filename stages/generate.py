@@ -127,11 +127,15 @@ def vllm_generate(model: str, prompts: list[list[int]], cfg, stops, sampling: di
         (Path(tmp) / "job.json").write_text(json.dumps(job))
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
                    LADDER_LAUNCHER_PID=str(os.getpid()))  # the child stops when this process is gone (lifeline)
+        started = time.time()
         done = subprocess.run([sys.executable, "-m", "stages.generate", tmp], env=env, cwd=REPO)
         if done.returncode or not (Path(tmp) / "out.json").exists():
             raise GenerationError(f"vLLM exited with {done.returncode} generating with {model} (its log is above); "
                                   "--backend hf generates without it")
         out = json.loads((Path(tmp) / "out.json").read_text())
+    t = out.get("timing", {})
+    print(f"[generate] vLLM child: import {t.get('import', 0):.1f} s, engine start {t.get('engine', 0):.1f} s, "
+          f"generation {out['seconds']:.1f} s, process {time.time() - started:.1f} s", flush=True)
     return [Generation(text[: first_stop(text, stops)], "length" if reason == "length" else "stop", tokens)
             for text, reason, tokens in out["rows"]], out["seconds"]
 
@@ -139,16 +143,20 @@ def vllm_generate(model: str, prompts: list[list[int]], cfg, stops, sampling: di
 def _vllm_child(folder: Path) -> None:
     """The child process of vllm_generate: folder/job.json in, folder/out.json out."""
     import plugins.lifeline  # noqa: F401 (watches LADDER_LAUNCHER_PID: no engine outlives its launcher)
+
+    t0 = time.time()
     from vllm import LLM, SamplingParams
 
+    t1 = time.time()
     job = json.loads((folder / "job.json").read_text())
     llm = LLM(model=job["model"], **job["engine"])
+    timing = {"import": t1 - t0, "engine": time.time() - t1}
     t0 = time.time()
     outs = llm.generate([{"prompt_token_ids": p} for p in job["prompts"]], SamplingParams(**job["sampling"]),
                         use_tqdm=True)
     seconds = time.time() - t0
     rows = [[o.text, o.finish_reason, len(o.token_ids)] for r in outs for o in r.outputs]
-    (folder / "out.json").write_text(json.dumps({"seconds": seconds, "rows": rows}))
+    (folder / "out.json").write_text(json.dumps({"seconds": seconds, "rows": rows, "timing": timing}))
 
 
 def cut(tok, ids: list[int], eos: set[int], stops) -> Generation:

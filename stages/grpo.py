@@ -133,13 +133,17 @@ def initial_policy(cfg) -> tuple[str, dict]:
 
 # ---- the verl command
 def external_modules(cfg) -> str:
-    """Modules verl imports in every process: the hf rollout, on CPU the test platform shims, and with
-    grpo.overlong=filter the actor-update wrapper that masks truncated responses (importing it turns it on)."""
+    """Modules verl imports in every process: the hf rollout, on CPU the test platform shims, with
+    grpo.overlong=filter the actor-update wrapper that masks truncated responses (importing it turns it on),
+    then the user's grpo.plugins (importable where verl's workers run: the repo is on their PYTHONPATH)."""
     mods = list(launch.CPU_RL_PLUGINS) if cfg.launch.device == "cpu" else []
     mods.append("plugins.hf_rollout")
     if str(cfg.grpo.overlong) == "filter":
         mods.append("plugins.overlong_filter")
-    return ",".join(mods)
+    extra = cfg.grpo.plugins or []
+    if isinstance(extra, str) or not all(isinstance(m, str) and m and "," not in m for m in extra):
+        raise SystemExit(f"[grpo] grpo.plugins={extra!r}: a list of module names, e.g. grpo.plugins=[my_pkg.rm]")
+    return ",".join(mods + [m for m in extra if m not in mods])
 
 
 # ---- grpo.loss / grpo.overlong / grpo.rewards → verl's keys

@@ -84,6 +84,37 @@ def test_overlong_filter_is_loaded_into_every_ray_process_only_when_asked(tiny_m
     assert cfg.ray_kwargs.ray_init.runtime_env.env_vars.VERL_USE_EXTERNAL_MODULES == "plugins.hf_rollout"
 
 
+def test_grpo_plugins_join_ladders_modules_in_every_ray_process_and_a_bad_value_is_named(
+        tiny_model, rl_files, capsys, monkeypatch):
+    from stages.config import load_config
+
+    _, cfg = composed(tiny_model, rl_files, capsys, monkeypatch, "grpo.plugins=[bench.stale_rollout]")
+    assert cfg.ray_kwargs.ray_init.runtime_env.env_vars.VERL_USE_EXTERNAL_MODULES == \
+        "plugins.hf_rollout,bench.stale_rollout"
+    for bad in ("grpo.plugins=bench.stale_rollout", "grpo.plugins=['a,b']"):
+        with pytest.raises(SystemExit, match="grpo.plugins"):
+            grpo.external_modules(load_config("grpo", [bad]))
+
+
+def test_stale_rollout_control_keeps_the_first_steps_weights_and_refuses_a_full_vllm_update():
+    import asyncio
+
+    from bench.stale_rollout import stale
+
+    class Adapter:
+        async def update_weights(self, weights, global_steps=None, **kwargs):
+            self.got = [*getattr(self, "got", []), (global_steps, list(weights))]
+
+    Adapter.update_weights = stale(Adapter.update_weights, keeps_weights_asleep=False)
+    a = Adapter()
+    for step, peft in ((1, None), (1, {"r": 4}), (2, {"r": 4}), (3, {"r": 4})):  # base + adapter, then adapters
+        asyncio.run(a.update_weights(iter([("w", step)]), global_steps=step, peft_config=peft))
+    assert a.got == [(1, [("w", 1)]), (1, [("w", 1)])]  # only the first step's two updates arrived
+    with pytest.raises(RuntimeError, match="LoRA"):
+        asyncio.run(a.update_weights(iter([]), global_steps=4, peft_config=None))
+    assert stale(Adapter.update_weights, True) is Adapter.update_weights  # wrapped once, whatever imports it
+
+
 def test_filter_hands_the_update_a_mask_without_truncated_rows_and_restores_it():
     from verl import DataProto
 
