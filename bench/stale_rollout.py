@@ -3,8 +3,8 @@
 Loaded into verl's workers with `grpo.plugins=[bench.stale_rollout]` (LoRA runs: `--use_lora`). The rollout
 takes the weight updates of the first global step it sees (for LoRA with vLLM: the base weights and the
 initial, all-zero adapter) and drops every later one, so it samples from the initial policy while the actor
-trains (the hf rollout keeps its weights while asleep: full fine-tuning works there too). verl's `training/rollout_probs_diff_*` (the rollout's log-probs against the actor's on the same
-tokens) then grows with the actor's drift; with the sync on it stays at the bf16-vs-fp32 floor. vLLM's sleep
+trains (the hf rollout keeps its weights while asleep: full fine-tuning works there too). verl's
+`training/rollout_probs_diff_*` (the rollout's log-probs against the actor's on the same tokens) then grows with the actor's drift; with the sync on it stays at the bf16-vs-fp32 floor. vLLM's sleep
 discards full weights, so there a dropped full update would leave none: only LoRA updates are dropped.
 
 Never for training: it exists to show that the sync is what keeps the two together (docs/benchmarks.md).
@@ -12,10 +12,10 @@ Never for training: it exists to show that the sync is what keeps the two togeth
 from __future__ import annotations
 
 import functools
-import importlib.util
-import logging
+import importlib
 
-log = logging.getLogger(__name__)
+
+_FIRST: dict[str, object] = {}  # the first global step each adapter class saw in this process
 
 
 def stale(update_weights, keeps_weights_asleep: bool):
@@ -27,31 +27,51 @@ def stale(update_weights, keeps_weights_asleep: bool):
 
     @functools.wraps(update_weights)
     async def wrapper(self, weights, *args, global_steps=None, **kwargs):
-        first = self.__dict__.setdefault("_ladder_first_sync_step", global_steps)
+        first = _FIRST.setdefault(type(self).__name__, global_steps)  # per process: verl may rebuild the adapter
         if global_steps == first:
             return await update_weights(self, weights, *args, global_steps=global_steps, **kwargs)
         if not keeps_weights_asleep and kwargs.get("peft_config") is None:
             raise RuntimeError("bench.stale_rollout: vLLM's sleep discards full weights, so this update cannot be "
                                "dropped; the control needs LoRA (--use_lora, its base weights stay)")
-        log.warning("bench.stale_rollout: the weight update of step %s dropped", global_steps)
+        print(f"[stale_rollout] the weight update of step {global_steps} dropped", flush=True)
         return None
 
     wrapper._ladder_stale = True
     return wrapper
 
 
-def _patch() -> list[str]:
-    patched = []
-    if importlib.util.find_spec("vllm") is not None:
-        from verl.workers.rollout.vllm_rollout import vllm_rollout
-
-        vllm_rollout.ServerAdapter.update_weights = stale(vllm_rollout.ServerAdapter.update_weights, False)
-        patched.append("vllm")
-    from plugins import hf_rollout
-
-    hf_rollout.HFServerAdapter.update_weights = stale(hf_rollout.HFServerAdapter.update_weights, True)
-    patched.append("hf")
-    return patched
+# verl builds the rollout's worker-side class by name when its workers start (get_rollout_class reads
+# _ROLLOUT_REGISTRY then). This module swaps the registry for one that answers a wrapped subclass of whatever is
+# registered at that moment: `import verl` loads this module from inside itself, when plugins.hf_rollout may be
+# half-imported and register "hf" only after this module has run.
+KEEPS_WEIGHTS_ASLEEP = {"vllm": False, "hf": True}
 
 
-PATCHED = _patch()
+class _Registry(dict):
+    def __getitem__(self, key):
+        if key[0] in KEEPS_WEIGHTS_ASLEEP and key[1] == "async" and dict.__contains__(self, key):
+            return f"{__name__}.Stale_{key[0]}"
+        return dict.__getitem__(self, key)
+
+
+def __getattr__(name: str):
+    if not name.startswith("Stale_") or name[6:] not in KEEPS_WEIGHTS_ASLEEP:
+        raise AttributeError(name)
+    from verl.workers.rollout import base as rollout_base
+
+    path = dict.__getitem__(rollout_base._ROLLOUT_REGISTRY, (name[6:], "async"))
+    module, cls = path.rsplit(".", 1)
+    original = getattr(importlib.import_module(module), cls)
+    sub = type(name, (original,), {"update_weights": stale(original.update_weights, KEEPS_WEIGHTS_ASLEEP[name[6:]])})
+    globals()[name] = sub
+    return sub
+
+
+def _install() -> None:
+    from verl.workers.rollout import base as rollout_base
+
+    if not isinstance(rollout_base._ROLLOUT_REGISTRY, _Registry):
+        rollout_base._ROLLOUT_REGISTRY = _Registry(rollout_base._ROLLOUT_REGISTRY)
+
+
+_install()

@@ -2,6 +2,7 @@
 values refused before anything starts, plugins/grpo_variants.py on its own, and three real GRPO runs on CPU whose
 metrics and rollout dumps show each key's effect (what verl computed, recomputed here from the dumped samples)."""
 import json
+import os
 from collections import defaultdict
 from pathlib import Path
 
@@ -99,7 +100,10 @@ def test_grpo_plugins_join_ladders_modules_in_every_ray_process_and_a_bad_value_
 def test_stale_rollout_control_keeps_the_first_steps_weights_and_refuses_a_full_vllm_update():
     import asyncio
 
+    from bench import stale_rollout
     from bench.stale_rollout import stale
+
+    stale_rollout._FIRST.clear()
 
     class Adapter:
         async def update_weights(self, weights, global_steps=None, **kwargs):
@@ -113,6 +117,23 @@ def test_stale_rollout_control_keeps_the_first_steps_weights_and_refuses_a_full_
     with pytest.raises(RuntimeError, match="LoRA"):
         asyncio.run(a.update_weights(iter([]), global_steps=4, peft_config=None))
     assert stale(Adapter.update_weights, True) is Adapter.update_weights  # wrapped once, whatever imports it
+
+
+def test_stale_rollout_control_reaches_the_class_verl_builds_in_a_worker():
+    """As in a Ray worker: the hf rollout's module is imported first, `import verl` inside it loads the external
+    modules, this one among them, while plugins.hf_rollout is still half-imported."""
+    import subprocess
+    import sys
+
+    code = ("import plugins.hf_rollout\n"
+            "from verl.workers.rollout.base import get_rollout_class\n"
+            "c = get_rollout_class('hf', 'async')\n"
+            "print(c.__name__, c.__mro__[1].__name__, c.update_weights._ladder_stale)")
+    env = dict(os.environ, VERL_USE_EXTERNAL_MODULES="plugins.hf_rollout,bench.stale_rollout",
+               PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[-3:] == ["Stale_hf", "HFServerAdapter", "True"], done.stdout[-500:]
 
 
 def test_filter_hands_the_update_a_mask_without_truncated_rows_and_restores_it():
