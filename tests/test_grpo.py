@@ -1,5 +1,6 @@
-"""GRPO stage: the hf rollout server on its own, a real 2-step GRPO through verl's main_ppo on CPU, and the
-composed command checked against verl's own config schema (vLLM, LoRA, several nodes)."""
+"""GRPO stage: the hf rollout server on its own, real GRPO runs through verl's main_ppo on CPU (rewarded samples,
+two nodes; the plain and LoRA runs' checks are in test_all.py), and the composed command checked against verl's
+own config schema (vLLM, LoRA, several nodes)."""
 import asyncio
 import contextlib
 import json
@@ -120,38 +121,9 @@ CPU_RUN = ["--stage", "grpo", "--device", "cpu", "--rollout", "hf", "--train_siz
            "reward.num_workers=1", "ray_kwargs.ray_init.num_cpus=4", "run.name=r"]
 
 
-@pytest.mark.slow
-def test_two_grpo_steps_on_cpu_change_the_actor_and_log_metrics(tiny_model, gsm8k_dir, tmp_path):
-    if find_spec("cachetools") is None:
-        pytest.fail("verl's main_ppo imports cachetools (verl's verl-core extra): add it to pyproject.toml")
-    assert stages_main([*CPU_RUN, "--init", str(tiny_model), f"run.output_dir={tmp_path}"]) == 0
-    out = tmp_path / "r" / "grpo"
-    manifest = json.loads((out / "manifest.json").read_text())
-    assert (manifest["status"], manifest["global_step"], manifest["rollout"]) == ("done", 2, "hf")
-    assert manifest["reference_policy"].startswith(str(tiny_model))
-
-    # the step metrics and validations came back through verl's JSONL logger (and TensorBoard)
-    metrics = launch.read_metrics(out)
-    assert sorted(metrics) == [0, 1, 2]
-    for step in (1, 2):
-        m = metrics[step]
-        assert {"actor/pg_loss", "actor/kl_loss", "critic/score/mean", "critic/advantages/mean"} <= set(m)
-        assert 0 < m["response_length/max"] <= 16
-        # the hf rollout's log-probs are the actor's own: at step 2 that means it got step 1's weights
-        assert m["training/rollout_probs_diff_max"] < 1e-3, m["training/rollout_probs_diff_max"]
-    for step in (0, 2):  # ladder's grader scored the greedy validation: its extra keys are logged
-        assert {"val-core/openai/gsm8k/acc/mean@1", "val-aux/openai/gsm8k/format_ok/mean@1"} <= set(metrics[step])
-    assert any((out / "tensorboard").rglob("events.out.tfevents.*"))
-
-    # the exported actor differs from the initial weights and loads in plain transformers
-    from safetensors.torch import load_file
-    from transformers import AutoModelForCausalLM
-
-    before = load_file(str(tiny_model / "model.safetensors"))
-    after = load_file(str(Path(manifest["hf_model"]) / "model.safetensors"))
-    changed = [k for k in before if not torch.equal(before[k], after[k].to(before[k].dtype))]
-    assert changed, "no weight changed in 2 GRPO steps"
-    AutoModelForCausalLM.from_pretrained(manifest["hf_model"])
+# The plain 2-step run's checks (test_two_grpo_steps_on_cpu_change_the_actor_and_log_metrics) and the LoRA run's
+# (test_lora_grpo_on_cpu_syncs_merged_weights_and_exports_the_adapter) are made on the GRPO stages of
+# tests/test_all.py's two chains, which run CPU_RUN's settings: one Ray run fewer each.
 
 
 # A reward the random tiny model earns about 30% of the time: its first token starts with a space (its first
@@ -325,22 +297,6 @@ def test_two_node_grpo_on_one_host_trains_on_both_ray_nodes(tiny_model, gsm8k_di
     assert sorted(name.rsplit("WorkerDict_", 1)[1] for name in workers) == ["0:0", "1:0"], workers
     assert set(workers.values()) == set(seen["nodes"]) and len(seen["nodes"]) == 2, seen
     assert sorted(seen["nodes"].values()) == [False, True], seen
-
-
-@pytest.mark.slow
-def test_lora_grpo_on_cpu_syncs_merged_weights_and_exports_the_adapter(tiny_model, gsm8k_dir, tmp_path):
-    if find_spec("cachetools") is None:
-        pytest.fail("verl's main_ppo imports cachetools (verl's verl-core extra): add it to pyproject.toml")
-    # also the plumbing of ladder's varlen attention into verl's Ray workers (on CPU: its per-sample path)
-    argv = [*CPU_RUN, "--init", str(tiny_model), f"run.output_dir={tmp_path}", "--use_lora", "--lora_rank", "4",
-            "--attn", "ladder_varlen"]
-    assert stages_main(argv) == 0
-    out = tmp_path / "r" / "grpo"
-    manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["lora"] and manifest["lora_to_rollout"] == "merged into the weights"
-    assert "adapter disabled" in manifest["reference_policy"]
-    assert Path(manifest["adapter"], "adapter_config.json").exists()  # export refuses an all-zero adapter
-    assert launch.read_metrics(out)[2]["training/rollout_probs_diff_max"] < 1e-3
 
 
 # ---- the composed command against verl's schema

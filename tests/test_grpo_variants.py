@@ -380,9 +380,14 @@ def test_dapo_is_token_level_with_std_scaled_advantages(eos_model, gsm8k_dir, tm
 @pytest.mark.slow
 def test_overlong_filter_leaves_truncated_samples_without_gradient(tiny_model, gsm8k_dir, tmp_path):
     """The plain tiny model rarely says EOS within 8 tokens: a step whose samples were all cut makes no update at all,
-    although the entropy bonus (CPU_RUN) moves the weights of the same model unfiltered (test_grpo's CPU run)."""
-    out = run_grpo(tiny_model, tmp_path, "grpo.loss=grpo", "grpo.overlong=filter", "grpo.max_response_length=8")
+    although the entropy bonus (CPU_RUN) moves the weights unfiltered (test_all.py's
+    test_two_grpo_steps_on_cpu_change_the_actor_and_log_metrics)."""
+    # also the plumbing of ladder's varlen attention into verl's Ray workers (on CPU: its per-sample path)
+    out = run_grpo(tiny_model, tmp_path, "grpo.loss=grpo", "grpo.overlong=filter", "grpo.max_response_length=8",
+                   "--attn", "ladder_varlen")
     metrics, steps = launch.read_metrics(out), dumps(out)
+    # the actor's log-probs (ladder_varlen) are the hf rollout's (sdpa) at step 2 too
+    assert metrics[2]["training/rollout_probs_diff_max"] < 1e-3, metrics[2]["training/rollout_probs_diff_max"]
     all_cut = [step for step, samples in steps.items() if all(s["truncated"] == 1.0 for s in samples)]
     assert all_cut, "no step had only truncated samples: nothing to check"
     for step, samples in steps.items():
