@@ -114,7 +114,8 @@ def test_lora_grpo_on_cpu_syncs_merged_weights_and_exports_the_adapter(lora_chai
     assert manifest["lora"] and manifest["lora_to_rollout"] == "merged into the weights"
     assert "adapter disabled" in manifest["reference_policy"]
     assert Path(manifest["adapter"], "adapter_config.json").exists()  # export refuses an all-zero adapter
-    assert launch.read_metrics(out)[2]["training/rollout_probs_diff_max"] < 1e-3
+    gap = launch.read_metrics(out)[2]["training/rollout_probs_diff_max"]
+    assert gap < 2e-4, gap  # the merged weights reached the rollout (see the plain run's check below)
 
 
 @pytest.mark.slow
@@ -160,8 +161,9 @@ def test_two_grpo_steps_on_cpu_change_the_actor_and_log_metrics(ei_chain):
         m = metrics[step]
         assert {"actor/pg_loss", "actor/kl_loss", "critic/score/mean", "critic/advantages/mean"} <= set(m)
         assert 0 < m["response_length/max"] <= 16
-        # the hf rollout's log-probs are the actor's own: at step 2 that means it got step 1's weights
-        assert m["training/rollout_probs_diff_max"] < 1e-3, m["training/rollout_probs_diff_max"]
+        # the hf rollout's log-probs are the actor's own: at step 2 that means it got step 1's weights. Measured
+        # 5e-5 with the sync; a rollout that keeps the first weights (bench.stale_rollout) gave 8.8e-4
+        assert m["training/rollout_probs_diff_max"] < 2e-4, m["training/rollout_probs_diff_max"]
     for step in (0, 2):  # ladder's grader scored the greedy validation: its extra keys are logged
         assert {"val-core/openai/gsm8k/acc/mean@1", "val-aux/openai/gsm8k/format_ok/mean@1"} <= set(metrics[step])
     assert any((out / "tensorboard").rglob("events.out.tfevents.*"))

@@ -387,7 +387,7 @@ def test_overlong_filter_leaves_truncated_samples_without_gradient(tiny_model, g
                    "--attn", "ladder_varlen")
     metrics, steps = launch.read_metrics(out), dumps(out)
     # the actor's log-probs (ladder_varlen) are the hf rollout's (sdpa) at step 2 too
-    assert metrics[2]["training/rollout_probs_diff_max"] < 1e-3, metrics[2]["training/rollout_probs_diff_max"]
+    assert metrics[2]["training/rollout_probs_diff_max"] < 2e-4, metrics[2]["training/rollout_probs_diff_max"]
     all_cut = [step for step, samples in steps.items() if all(s["truncated"] == 1.0 for s in samples)]
     assert all_cut, "no step had only truncated samples: nothing to check"
     for step, samples in steps.items():
