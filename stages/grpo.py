@@ -330,9 +330,7 @@ def run(cfg) -> int:
         if head:
             ray_cluster.stop_head(head, int(cfg.launch.master_port))
     if result.rc:
-        write_manifest(out, status="failed", **record, failure=result.record())
-        print(result.advice(), file=sys.stderr)
-        return result.rc
+        return result.fail(**record)
     return export_and_record(cfg, out, record)
 
 

@@ -209,9 +209,7 @@ def run(cfg) -> int:
               + f" ({per_epoch} per epoch, batch {cfg.sft.verl.data.train_batch_size}) into {out}", flush=True)
         result = supervise.run_trainer(cmd, launch.environment(cfg, out), out, "sft", total, done)
         if result.rc:
-            write_manifest(out, status="failed", **record, failure=result.record())
-            print(result.advice(), file=sys.stderr)
-            return result.rc
+            return result.fail(**record)
         if int(cfg.launch.node_rank) != 0:  # verl's rank 0 (on node 0) writes the full checkpoint
             print(f"[sft] node {cfg.launch.node_rank} done; node 0 exports and writes the manifest")
             return 0

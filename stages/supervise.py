@@ -3,7 +3,7 @@ a failure that says what kind it was.
 
     result = supervise.run_trainer(cmd, env, out, "sft", total=12, done=4)   # a Result; result.rc 0 = success
     if result.rc:
-        write_manifest(out, status="failed", failure=result.record(), ...)
+        return result.fail(stage="sft", ...)     # manifest.json: status failed, the failure record; the advice
 
 - Console: one line saying where verl's log is, then a progress bar of the steps verl has logged (read from this
   attempt's metrics.K.jsonl as verl writes it). verl's own output (config dump, warnings, per-step lines) goes to
@@ -35,7 +35,7 @@ from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from stages.config import REPO
+from stages.config import REPO, write_manifest
 
 TAIL_LINES = 15
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -86,6 +86,13 @@ class Result:
         return {"exit_code": self.rc, "signal": self.signal, **self.diagnosis(), "log": str(self.log),
                 "steps_this_attempt": [self.steps[0], self.steps[-1]] if self.steps else [],
                 "last_checkpoint_step": latest_step(self.out) or None}
+
+    def fail(self, **record) -> int:
+        """Mark the stage `failed` in out/manifest.json (`record`'s fields kept, `failure` added), print the
+        advice; returns the exit code."""
+        write_manifest(self.out, status="failed", **record, failure=self.record())
+        print(self.advice(), file=sys.stderr)
+        return self.rc
 
     def advice(self) -> str:
         """The last lines of verl's log and what to do next."""
