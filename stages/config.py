@@ -32,7 +32,7 @@ def load_config(stage: str | None, overrides: list[str], config_path: Path = CON
 
     sections = tuple(_raw(config_path))
     section = registry.get(stage).verl if stage else None
-    routed = []
+    routed, added = [], []
     for item in overrides:
         key = item.split("=", 1)[0].lstrip("+~")
         if "=" not in item and not item.startswith("~"):
@@ -44,6 +44,8 @@ def load_config(stage: str | None, overrides: list[str], config_path: Path = CON
                                  "has no verl block to pass it to")
             prefix = item[: len(item) - len(item.lstrip("+~"))]
             item = f"{prefix}{section}.verl.{item.lstrip('+~')}"
+        if item.startswith("+") and f"{section}.verl." in item.split("=", 1)[0]:  # the user's own +: Hydra's add
+            added.append(item.split("=", 1)[0].lstrip("+").split(f"{section}.verl.", 1)[1])
         # a verl key (bare, or spelled out as sft.verl.… in a recipe) that config.yaml does not list yet must be
         # added, not overridden
         key = item.split("=", 1)[0]
@@ -52,7 +54,19 @@ def load_config(stage: str | None, overrides: list[str], config_path: Path = CON
         routed.append(item)
     with initialize_config_dir(config_dir=str(config_path.parent), version_base=None):
         cfg = compose(config_name=config_path.stem, overrides=routed)
+    if added:
+        cfg[section].verl_added = sorted(set(cfg[section].verl_added) | set(added))
     return cfg
+
+
+def verl_overrides(block: DictConfig) -> list[str]:
+    """A stage's `verl` block as verl's overrides; the keys the user added with `+` (`block.verl_added`) go as
+    `++key` (add, or override where verl has the key), so verl's Hydra takes them and check_verl_keys skips them."""
+    added = tuple(block.get("verl_added") or [])
+
+    def was_added(key: str) -> bool:  # the key itself, or inside a dict value the user added
+        return any(key == a or key.startswith(a + ".") for a in added)
+    return [("++" + item if was_added(item.split("=", 1)[0]) else item) for item in flatten(block.verl)]
 
 
 _RAW: dict[Path, DictConfig] = {}

@@ -60,7 +60,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from stages import launch, ray_cluster, registry, supervise
-from stages.config import REPO, flatten, read_manifest, stage_dir, write_manifest
+from stages.config import REPO, read_manifest, stage_dir, verl_overrides, write_manifest
 
 RL_COLUMNS = ("data_source", "prompt", "reward_model")
 
@@ -238,7 +238,7 @@ def main_ppo_keys(cfg, out: Path, init: str, train: str, val: str, rollout: str)
     modules = external_modules(cfg)
     modules = f"'{modules}'" if "," in modules else modules  # a bare comma list would be a Hydra sweep
     tp = cfg.grpo.tensor_parallel_size if rollout == "vllm" else 1
-    keys = flatten(cfg.grpo.verl) + [
+    keys = verl_overrides(cfg.grpo) + [
         f"actor_rollout_ref.model.path={init}",
         f"actor_rollout_ref.rollout.name={rollout}",
         f"actor_rollout_ref.rollout.tensor_model_parallel_size={tp}",
@@ -343,7 +343,9 @@ def export_and_record(cfg, out: Path, record: dict) -> int:
     record = dict(record, loss=str(cfg.grpo.loss), overlong=str(cfg.grpo.overlong), rewards=reward_weights(cfg))
     step = launch.latest_step(out)
     if not step:
-        print(f"[grpo] no checkpoint in {out}: set grpo.save_freq > 0 so the last step is saved", file=sys.stderr)
+        said = f"no checkpoint in {out}: set grpo.save_freq > 0 so the last step is saved"
+        write_manifest(out, status="failed", **record, failure={"kind": "no_checkpoint", "reason": said})
+        print(f"[grpo] {said}", file=sys.stderr)
         return 1
     exported = export(out / f"global_step_{step}" / "actor", out, base_model=record["base_model"])
     rows = grpo_report.curve(out)

@@ -47,7 +47,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from stages import launch, report, supervise
-from stages.config import flatten, stage_dir, write_manifest
+from stages.config import stage_dir, verl_overrides, write_manifest
 
 
 # ---- data
@@ -98,7 +98,7 @@ def check_files(cfg) -> None:
 # ---- the verl command
 def trainer_keys(cfg, out: Path, train: str, val: str | None) -> list[str]:
     """verl.trainer.sft_trainer's overrides: config.yaml's sft.verl block, the kernels, data and trainer keys."""
-    return flatten(cfg.sft.verl) + launch.kernel_keys(cfg, cfg.sft.verl.model) + [
+    return verl_overrides(cfg.sft) + launch.kernel_keys(cfg, cfg.sft.verl.model) + [
         f"data.train_files={train}",
         f"data.val_files={val or 'null'}",
     ] + launch.trainer_keys(cfg, out, "sft", cfg.sft.resume_from)

@@ -43,7 +43,9 @@ FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 CONFIG_ERROR = re.compile(r"\b(?:hydra\.errors|omegaconf\.errors)\.\w+|Could not override '|is not in struct|"
                           r"Error merging override|Could not find '|MissingMandatoryValue")
 CONFIG_KEY = re.compile(r"full_key: ([\w.\[\]]+)|Could not override '([^']+)'|Error merging override ([\w.]+)")
-ERROR_LINE = re.compile(r"^\s*(?:[\w.]+\.)?(\w*(?:Error|Exception)|KeyboardInterrupt)(?::\s|$)")
+# an exception's line, also behind a Ray actor's or vLLM engine's "(EngineCore pid=7) " prefix
+ERROR_LINE = re.compile(r"^\s*(?:\(\w+ pid=\d+(?:, ip=[\w.:]+)?\)\s*)?(?:[\w.]+\.)?"
+                        r"(\w*(?:Error|Exception)|KeyboardInterrupt)(?::\s|$)")
 
 
 @dataclass
@@ -69,15 +71,25 @@ class Result:
         errors = [line.strip() for line in text.splitlines()  # torchrun's own wrappers name no cause
                   if (m := ERROR_LINE.match(line)) and m.group(1) not in ("ChildFailedError", "SignalException")]
         reason = errors[-1] if errors else None
+        if reason and "root cause above" in reason.lower():  # vLLM's engine says its cause in an earlier line
+            cause = next((e for e in reversed(errors) if "root cause" not in e.lower()), None)
+            reason = f"{reason} (the root cause: {cause})" if cause else reason
         key = next((next(g for g in m.groups() if g) for m in CONFIG_KEY.finditer(text)), None)
         if self.signal:
             kind = "signal"
-        elif not self.steps and CONFIG_ERROR.search(text):
+        elif not self.last_step() and CONFIG_ERROR.search(text):
             kind = "config"
             reason = reason or next((line.strip() for line in text.splitlines() if CONFIG_ERROR.search(line)), None)
         else:
-            kind = "during_training" if self.steps else "before_first_step"
+            kind = "during_training" if self.last_step() else "before_first_step"
         return {"kind": kind, "reason": reason, "key": key if kind == "config" else None}
+
+    def last_step(self) -> int:
+        """The last step done: the last one logged or saved, whichever is later (verl saves a step's checkpoint
+        before it logs the step's metrics)."""
+        from stages.launch import latest_step
+
+        return max(self.steps[-1] if self.steps else 0, latest_step(self.out))
 
     def record(self) -> dict:
         """What a `failed` manifest keeps: exit code, signal, kind, reason, the log, the last checkpoint."""
@@ -104,7 +116,7 @@ class Result:
                   "often one is)")
         reason = f": {d['reason']}" if d["reason"] else ""
         if d["kind"] == "signal":
-            said = f"stopped by {self.signal}" + (f" after step {self.steps[-1]}" if self.steps else "")
+            said = f"stopped by {self.signal}" + (f" after step {self.last_step()}" if self.last_step() else "")
             text = f"{said}; {resume}"
         elif d["kind"] == "config":
             text = (f"verl refused its configuration" + (f" (key {d['key']})" if d["key"] else "") + f"{reason}. "
@@ -114,7 +126,7 @@ class Result:
             text = (f"verl's trainer failed before its first step (exit code {self.rc}){reason}. Nothing was "
                     "trained, so rerunning as is will most likely fail the same way: the error above says what to fix")
         else:
-            text = f"verl's trainer failed after step {self.steps[-1]} (exit code {self.rc}){reason}; {resume}"
+            text = f"verl's trainer failed after step {self.last_step()} (exit code {self.rc}){reason}; {resume}"
         shown = "\n".join("    " + line for line in self.tail())
         return f"[{stage}] the last lines of verl's log ({self.log}):\n{shown}\n[{stage}] {text}"
 

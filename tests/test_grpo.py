@@ -366,6 +366,19 @@ def test_misspelt_verl_key_is_refused(tiny_model, rl_files, capsys, monkeypatch)
         verl_schema_compose(["actor_rollout_ref.rollout.temprature=0.7"])
 
 
+def test_a_verl_key_added_with_plus_reaches_verl(tiny_model, rl_files, capsys, monkeypatch):
+    """`+key=value` is Hydra's add: a key verl's schema lacks (ray.init's own arguments, which verl passes on
+    from ray_kwargs.ray_init) goes to verl as `++key`, while the same key without `+` is still refused."""
+    added = "ray_kwargs.ray_init.object_store_memory"
+    (cmd,) = dry_run(["--init", str(tiny_model), *rl_files, f"+{added}=4000000000",
+                      "+grpo.verl.data.dataloader_num_workers=0"], capsys, monkeypatch)
+    assert f"++{added}=4000000000" in cmd and "++data.dataloader_num_workers=0" in cmd
+    cfg = verl_schema_compose(main_ppo_args(cmd))
+    assert cfg.ray_kwargs.ray_init.object_store_memory == 4000000000 and cfg.data.dataloader_num_workers == 0
+    with pytest.raises(SystemExit, match=rf"{added}: .* no such key"):
+        dry_run(["--init", str(tiny_model), *rl_files, f"{added}=4000000000"], capsys, monkeypatch)
+
+
 @pytest.mark.parametrize("rollout,expect", [("vllm", {"actor_rollout_ref.rollout.load_format=safetensors"}),
                                             ("hf", {"actor_rollout_ref.model.lora.merge=true"})])
 def test_lora_dry_run_starts_from_the_merged_sft_export(tiny_model, rl_files, tmp_path, capsys, monkeypatch,
@@ -469,3 +482,14 @@ def test_a_failed_grpo_run_leaves_a_failed_manifest(tiny_model, rl_files, tmp_pa
     assert (manifest["failure"]["exit_code"], manifest["failure"]["kind"]) == (1, "before_first_step")
     assert manifest["failure"]["reason"].startswith("ValueError: the CPU platform needs 4 Ray CPUs")
     assert "failed before its first step" in capsys.readouterr().err
+
+
+def test_a_run_that_saved_no_checkpoint_is_recorded_failed(tmp_path, capsys):
+    """grpo.save_freq=-1 leaves nothing to export: the manifest says failed and why (not `running`)."""
+    from stages.config import load_config, read_manifest
+
+    out = tmp_path / "grpo"
+    assert grpo.export_and_record(load_config("grpo", ["grpo.save_freq=-1"]), out, {"stage": "grpo"}) == 1
+    manifest = read_manifest(out)
+    assert manifest["status"] == "failed" and manifest["failure"]["kind"] == "no_checkpoint"
+    assert "set grpo.save_freq > 0" in capsys.readouterr().err

@@ -209,6 +209,23 @@ open(os.path.join(out, "latest_checkpointed_iteration.txt"), "w").write("2")
 print("RuntimeError: connection to rank 1 lost")
 sys.exit(1)
 """
+FAILS_AFTER_A_SAVE = """
+import json, os, sys
+out = sys.argv[1]
+for step in (1, 2):
+    with open(os.environ["VERL_FILE_LOGGER_PATH"], "a") as f:
+        f.write(json.dumps({"step": step, "data": {"train/loss": 1.0}}) + "\\n")
+open(os.path.join(out, "latest_checkpointed_iteration.txt"), "w").write("3")  # step 3 saved, its metrics not logged
+print("RuntimeError: connection to rank 1 lost")
+sys.exit(1)
+"""
+ENGINE_FAILS = """
+import sys
+print("(EngineCore pid=7) ValueError: Free memory on device cuda:0 (9.1/139.8 GiB) on startup is less than desired")
+print("    raise RuntimeError(")
+print("RuntimeError: Engine core initialization failed. See root cause above. Failed core proc(s): {}")
+sys.exit(1)
+"""
 FAILS_BEFORE_A_STEP = """
 import sys
 print("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB")
@@ -222,6 +239,11 @@ sys.exit(1)
                                "rerunning as is fails the same way"], ["rerun the same command"]),
     (FAILS_AT_STEP_3, "during_training", ["failed after step 3 (exit code 1): RuntimeError: connection to rank 1 lost",
                                           "rerun the same command to resume from the checkpoint of step 2"], []),
+    (FAILS_AFTER_A_SAVE, "during_training", ["failed after step 3 (exit code 1)",
+                                             "resume from the checkpoint of step 3"], ["after step 2"]),
+    (ENGINE_FAILS, "before_first_step", ["Engine core initialization failed. See root cause above. Failed core "
+                                         "proc(s): {} (the root cause: (EngineCore pid=7) ValueError: Free memory"],
+     []),
     (FAILS_BEFORE_A_STEP, "before_first_step", ["failed before its first step (exit code 1): torch.OutOfMemoryError",
                                                 "Nothing was trained"], ["rerun the same command"]),
 ])
