@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -127,8 +128,14 @@ def stage_dir(cfg: DictConfig, stage: str) -> Path:
 
 
 def write_manifest(folder: Path, **fields: Any) -> Path:
+    """A stage's manifest.json, written whole (atomically). A `running` one names its launcher (pid, host, start
+    time), so read_manifest can tell a run in progress from one whose launcher died without a word."""
+    from plugins.lifeline import start_time
+
     folder.mkdir(parents=True, exist_ok=True)
     fields.setdefault("written_at", time.strftime("%Y-%m-%dT%H:%M:%S"))
+    if fields.get("status") == "running":
+        fields["launcher"] = {"pid": os.getpid(), "host": socket.gethostname(), "started": start_time(os.getpid())}
     path = folder / "manifest.json"
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(fields, indent=2, default=str) + "\n")
@@ -137,9 +144,20 @@ def write_manifest(folder: Path, **fields: Any) -> Path:
 
 
 def read_manifest(folder: Path) -> dict:
+    """A stage's manifest. One that says `running` while its launcher is gone from this host (SIGKILL, the OOM
+    killer, a closed terminal: nothing could write `failed`) reads as `interrupted`, with the reason."""
+    from plugins.lifeline import start_time
+
     path = Path(folder)
     path = path if path.name == "manifest.json" else path / "manifest.json"
-    return json.loads(path.read_text())
+    manifest = json.loads(path.read_text())
+    launcher = manifest.get("launcher") or {}
+    if (manifest.get("status") == "running" and launcher.get("host") == socket.gethostname()
+            and start_time(int(launcher["pid"])) != launcher.get("started")):
+        manifest.update(status="interrupted", interrupted=(
+            f"its launcher (pid {launcher['pid']}) ended without recording an outcome (killed?); rerun the same "
+            "command to resume from its last checkpoint"))
+    return manifest
 
 
 def hub_offline() -> bool:

@@ -314,6 +314,7 @@ def run(cfg) -> int:
                                                  else f"{init} (a frozen copy)"),
                   lora_to_rollout=(None if not lora else "adapter; vLLM loads the init weights "
                                    "(load_format=safetensors)" if rollout == "vllm" else "merged into the weights"))
+    supervise.say_if_interrupted(out, "grpo")
     write_manifest(out, status="running", **record)
     env = grpo_environment(cfg, out)
     # verl's TaskRunner, which logs, may run on another node, whose raylet's environment lacks these

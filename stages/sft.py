@@ -201,6 +201,7 @@ def run(cfg) -> int:
     else:
         record = dict(stage="sft", base_model=str(cfg.model.path), lora=bool(cfg.model.use_lora), train_file=train,
                       val_file=val)
+        supervise.say_if_interrupted(out, "sft")
         write_manifest(out, status="running", **record)
         if start and set_aside_epoch_end_state(start, per_epoch):
             print(f"[sft] resuming at the end of epoch {done // per_epoch} (step {done}): epoch "

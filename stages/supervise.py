@@ -131,6 +131,16 @@ class Result:
         return f"[{stage}] the last lines of verl's log ({self.log}):\n{shown}\n[{stage}] {text}"
 
 
+def say_if_interrupted(out: Path, stage: str) -> None:
+    """Before a new attempt: say so when the last one's launcher died without recording how it ended."""
+    from stages.config import read_manifest
+
+    manifest = read_manifest(out) if (out / "manifest.json").is_file() else {}
+    if manifest.get("status") == "interrupted":
+        print(f"[{stage}] the previous attempt in {out} ended without recording an outcome (its launcher, pid "
+              f"{manifest['launcher']['pid']}, was killed?); this one goes on from its last checkpoint", flush=True)
+
+
 def run_trainer(cmd: list[str], env: dict[str, str], out: Path, stage: str, total: int | None = None,
                 done: int = 0) -> Result:
     """Run `cmd` (verl's trainer) to its end; see the module docstring. `env` is launch.environment()'s (its

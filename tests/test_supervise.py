@@ -268,3 +268,22 @@ def test_verls_own_refusal_of_a_key_is_named(out):
     record = result.record()
     assert result.rc != 0 and (record["kind"], record["key"]) == ("config", "trainer.sav_freq"), result.advice()
     assert "resume" not in result.advice()
+
+
+def test_a_running_manifest_whose_launcher_is_gone_reads_interrupted(out, tmp_path, capsys):
+    """SIGKILL leaves no one to write `failed`: a `running` manifest names its launcher, and once that process is
+    gone the manifest reads `interrupted`, and the next attempt says so."""
+    from stages.config import read_manifest, write_manifest
+
+    write_manifest(out, status="running", stage="sft")
+    assert read_manifest(out)["status"] == "running"  # this process is its launcher, and it is alive
+    child = subprocess.Popen([sys.executable, "-c", "import sys; from pathlib import Path; "
+                              "from stages.config import write_manifest; "
+                              "write_manifest(Path(sys.argv[1]), status='running', stage='sft')", str(out)], cwd=REPO)
+    assert child.wait() == 0
+    manifest = read_manifest(out)
+    assert manifest["status"] == "interrupted" and f"pid {child.pid}" in manifest["interrupted"], manifest
+    supervise.say_if_interrupted(out, "sft")
+    assert "the previous attempt" in capsys.readouterr().out
+    write_manifest(out, status="done", stage="sft")
+    assert read_manifest(out)["status"] == "done" and "launcher" not in read_manifest(out)
