@@ -1,6 +1,6 @@
 """GRPO stage: the hf rollout server on its own, real GRPO runs through verl's main_ppo on CPU (rewarded samples,
-two nodes; the plain and LoRA runs' checks are in test_all.py), and the composed command checked against verl's
-own config schema (vLLM, LoRA, several nodes)."""
+two nodes, which also carries a plain run's checks; a LoRA run's are in test_all.py), and the composed command checked
+against verl's own config schema (vLLM, LoRA, several nodes)."""
 import asyncio
 import contextlib
 import json
@@ -123,9 +123,9 @@ CPU_RUN = ["--stage", "grpo", "--device", "cpu", "--rollout", "hf", "--train_siz
            "reward.num_workers=1", "ray_kwargs.ray_init.num_cpus=4", *NO_DASHBOARD, "run.name=r"]
 
 
-# The plain 2-step run's checks (test_two_grpo_steps_on_cpu_change_the_actor_and_log_metrics) and the LoRA run's
-# (test_lora_grpo_on_cpu_syncs_merged_weights_and_exports_the_adapter) are made on the GRPO stages of
-# tests/test_all.py's two chains, which run CPU_RUN's settings: one Ray run fewer each.
+# A plain 2-step run's checks are made on the two-node run below, which runs CPU_RUN's settings, and a LoRA run's
+# (test_lora_grpo_on_cpu_syncs_merged_weights_and_exports_the_adapter) on the GRPO stage of tests/test_all.py's
+# chain, which runs them with LoRA: one Ray run fewer each.
 
 
 # A reward the random tiny model earns about 30% of the time: its first token starts with a space (its first
@@ -243,7 +243,9 @@ def tail(path, lines=40):
 
 @pytest.mark.slow
 def test_two_node_grpo_on_one_host_trains_on_both_ray_nodes(tiny_model, gsm8k_dir, tmp_path):
-    """NODE_RANK=1 and NODE_RANK=0 of `./train.sh --stage grpo` on this host: two Ray nodes, one verl run."""
+    """NODE_RANK=1 and NODE_RANK=0 of `./train.sh --stage grpo` on this host: two Ray nodes, one verl run. It runs
+    CPU_RUN's settings (full weights, 2 steps of 4 prompts x 2 samples, greedy validation at steps 0 and 2), so it also
+    carries the checks of a plain GRPO run on CPU: it changes the actor, logs verl's metrics and exports."""
     port, dashboard, agent = free_ports(3)
     token = tmp_path / "ray_token"  # a cluster token of the test's own (the stage turns token auth on for it)
     token.write_text(secrets.token_hex(32))
@@ -282,13 +284,32 @@ def test_two_node_grpo_on_one_host_trains_on_both_ray_nodes(tiny_model, gsm8k_di
 
     out = tmp_path / "r" / "grpo"
     manifest = json.loads((out / "manifest.json").read_text())
-    assert (manifest["status"], manifest["global_step"]) == ("done", 2)
-    assert sorted(launch.read_metrics(out)) == [0, 1, 2]  # wherever verl's TaskRunner ran, its metrics came here
+    assert (manifest["status"], manifest["global_step"], manifest["rollout"]) == ("done", 2, "hf")
+    assert manifest["reference_policy"].startswith(str(tiny_model))
+
+    # the step metrics and validations came back through verl's JSONL logger (and TensorBoard), wherever verl's
+    # TaskRunner ran
+    metrics = launch.read_metrics(out)
+    assert sorted(metrics) == [0, 1, 2]
+    for step in (1, 2):
+        m = metrics[step]
+        assert {"actor/pg_loss", "actor/kl_loss", "critic/score/mean", "critic/advantages/mean"} <= set(m)
+        assert 0 < m["response_length/max"] <= 16
+        # the hf rollout's log-probs are the actor's own: at step 2 that means it got step 1's weights. Measured
+        # 5e-5 with the sync; a rollout that keeps the first weights (bench.stale_rollout) gave 8.8e-4
+        assert m["training/rollout_probs_diff_max"] < 2e-4, m["training/rollout_probs_diff_max"]
+    for step in (0, 2):  # ladder's grader scored the greedy validation: its extra keys are logged
+        assert {"val-core/openai/gsm8k/acc/mean@1", "val-aux/openai/gsm8k/format_ok/mean@1"} <= set(metrics[step])
+    assert any((out / "tensorboard").rglob("events.out.tfevents.*"))
+
+    # the exported actor differs from the initial weights and loads in plain transformers
     from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
 
     before = load_file(str(tiny_model / "model.safetensors"))
     after = load_file(str(Path(manifest["hf_model"]) / "model.safetensors"))
-    assert any(not torch.equal(before[k], after[k].to(before[k].dtype)) for k in before), "no weight changed"
+    assert any(not torch.equal(before[k], after[k].to(before[k].dtype)) for k in before), "no weight changed in 2 steps"
+    AutoModelForCausalLM.from_pretrained(manifest["hf_model"])
 
     # verl trained with world size 2: one FSDP shard per rank in its checkpoint
     shards = sorted(p.name for p in (out / "global_step_2" / "actor").glob("model_world_size_*_rank_*.pt"))

@@ -380,8 +380,8 @@ def test_dapo_is_token_level_with_std_scaled_advantages(eos_model, gsm8k_dir, tm
 @pytest.mark.slow
 def test_overlong_filter_leaves_truncated_samples_without_gradient(tiny_model, gsm8k_dir, tmp_path):
     """The plain tiny model rarely says EOS within 8 tokens: a step whose samples were all cut makes no update at all,
-    although the entropy bonus (CPU_RUN) moves the weights unfiltered (test_all.py's
-    test_two_grpo_steps_on_cpu_change_the_actor_and_log_metrics)."""
+    although the entropy bonus (CPU_RUN) moves the weights unfiltered (test_grpo.py's
+    test_two_node_grpo_on_one_host_trains_on_both_ray_nodes, which runs CPU_RUN)."""
     # also the plumbing of ladder's varlen attention into verl's Ray workers (on CPU: its per-sample path)
     out = run_grpo(tiny_model, tmp_path, "grpo.loss=grpo", "grpo.overlong=filter", "grpo.max_response_length=8",
                    "--attn", "ladder_varlen")
