@@ -120,7 +120,9 @@ CPU_RUN = ["--stage", "grpo", "--device", "cpu", "--rollout", "hf", "--train_siz
            # gives the loss a gradient from step 1, and no weight decay means only gradients move weights
            "grpo.entropy_coef=0.01", "--weight_decay", "0",
            "actor_rollout_ref.rollout.dtype=float32", "actor_rollout_ref.rollout.agent.num_workers=1",
-           "reward.num_workers=1", "ray_kwargs.ray_init.num_cpus=4", *NO_DASHBOARD, "run.name=r"]
+           "reward.num_workers=1", "ray_kwargs.ray_init.num_cpus=4", *NO_DASHBOARD,
+           # the closing evaluation (grpo.final_eval): grpo.val_size problems, 16 tokens each, not eval's 1024
+           "eval.max_new_tokens=16", "run.name=r"]
 
 
 # A plain 2-step run's checks are made on the two-node run below, which runs CPU_RUN's settings, and a LoRA run's
@@ -301,6 +303,8 @@ def test_two_node_grpo_on_one_host_trains_on_both_ray_nodes(tiny_model, gsm8k_di
     for step in (0, 2):  # ladder's grader scored the greedy validation: its extra keys are logged
         assert {"val-core/openai/gsm8k/acc/mean@1", "val-aux/openai/gsm8k/format_ok/mean@1"} <= set(metrics[step])
     assert any((out / "tensorboard").rglob("events.out.tfevents.*"))
+    # and the eval stage measured the export (grpo.final_eval: the only real run here that leaves it on)
+    assert (manifest["eval"]["n"], manifest["eval"]["max_new_tokens"]) == (4, 16)
 
     # the exported actor differs from the initial weights and loads in plain transformers
     from safetensors.torch import load_file
