@@ -82,12 +82,13 @@ def test_end_of_turn_is_none_without_a_special_token_after_the_content():
 
 @pytest.mark.slow
 def test_sft_base_model_stops_at_im_end(base_model, tmp_path):
-    """SFT (verl, CPU) learns four answers by heart; ladder's generation then ends each at `<|im_end|>`."""
+    """SFT (verl, CPU) learns four answers by heart; ladder's generation then ends each at `<|im_end|>`. 55 steps at
+    4e-3 (last loss 0.03): 40 steps left two answers wrong, 45 and 50 were enough, also at 3.6e-3 and 4.4e-3."""
     data = tmp_path / "train.parquet"
     pd.DataFrame([{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
                   for q, a in ROWS]).to_parquet(data, index=False)
     argv = ["--model", str(base_model), "--train_data", str(data), "--device", "cpu", "--batch_size", "4",
-            "--micro_batch_size", "4", "--max_length", "128", "--lr", "3e-3", "--epochs", "75",
+            "--micro_batch_size", "4", "--max_length", "128", "--lr", "4e-3", "--epochs", "55",
             "sft.verl.optim.lr_scheduler_type=constant", "sft.warmup_ratio=0",
             "sft.verl.data.max_token_len_per_gpu=1024", "sft.verl.data.num_workers=0",
             "model.gradient_checkpointing=false", "sft.save_freq=-1", f"run.output_dir={tmp_path}", "run.name=r"]
