@@ -278,6 +278,15 @@ def run(cfg) -> int:
     # ---- everything that can be wrong is found before the first token is generated
     sampling(cfg)
     engine = generate.backend(cfg)
+    if engine == "vllm":  # vLLM's import (15-23 s) runs while the data and the tokenizer are made ready
+        generate.prestart()
+    try:
+        return run_on(cfg, init, out, engine)
+    finally:
+        generate.release()  # the prestarted child, if the run stopped before it was used
+
+
+def run_on(cfg, init: str, out: Path, engine: str) -> int:
     try:  # resolve_init checks each folder (config.json, weights, tokenizer); data_prep names bad records
         folders = checkpoints(init) if cfg.eval.all_checkpoints else [(None, init)]
         models = [(step, resolve_init(str(folder))) for step, folder in folders]

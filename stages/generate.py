@@ -7,8 +7,8 @@
 
 Both backends take the same prompt token ids and return `Generation`s in prompt order: `vllm` (`backend(cfg)`
 auto: when vllm imports and a GPU is present; run in a child process so its GPU memory is freed after; its
-max_model_len is the longest prompt + eval.max_new_tokens unless eval.max_model_len is set; eager mode by
-default, eval.enforce_eager: false captures CUDA graphs) or `hf` (transformers generate: batched longest-first, left
+max_model_len is the longest prompt + eval.max_new_tokens unless eval.max_model_len is set; eval.cuda_graphs
+picks eager mode, CUDA graphs of the decode steps without torch.compile, or vLLM's compiled default) or `hf` (transformers generate: batched longest-first, left
 padding, KV cache; eval.batch_size null starts at 256 on GPU and halves on CUDA OOM). Both stop at the
 template's stop strings (r1: `</answer>`, kept so the grader sees it), EOS, the chat template's end-of-turn
 token (`end_of_turn`: a base model such as Qwen2.5-0.5B declares `<|endoftext|>` as EOS, while its SFT'd
@@ -16,9 +16,11 @@ answers end with `<|im_end|>`) or eval.max_new_tokens.
 """
 from __future__ import annotations
 
+import atexit
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -43,8 +45,27 @@ class Generation:
     tokens: int
 
 
+# eval.cuda_graphs -> vLLM's engine arguments
+CUDA_GRAPHS = {
+    "none": {"enforce_eager": True},  # eager: no capture, no torch.compile
+    # one full CUDA graph per decode batch size, captured in seconds; prefill runs eager; no torch.compile
+    "decode": {"enforce_eager": False, "compilation_config": {"mode": 0, "cudagraph_mode": "FULL_DECODE_ONLY"}},
+    "compiled": {"enforce_eager": False},  # vLLM's default: torch.compile, then graphs (cached after the first)
+}
+
+
+def cuda_graphs(cfg) -> dict:
+    """vLLM's engine arguments for eval.cuda_graphs; a bad value stops here, naming the key."""
+    mode = str(cfg.eval.cuda_graphs)
+    if mode not in CUDA_GRAPHS:
+        raise GenerationError(f"eval.cuda_graphs={mode}: use one of {', '.join(CUDA_GRAPHS)}")
+    return CUDA_GRAPHS[mode]
+
+
 def backend(cfg) -> str:
     import torch
+
+    cuda_graphs(cfg)  # checked with the backend, before any model or data is loaded
 
     name, has_vllm = str(cfg.eval.backend), importlib.util.find_spec("vllm") is not None
     if name == "auto":
@@ -106,51 +127,104 @@ def first_stop(text: str, stops) -> int | None:
     return min(ends) if ends else None
 
 
+class VllmChild:
+    """`python -m stages.generate DIR`: the process vLLM runs in, so its GPU memory is free again once it exits and
+    a training stage can follow in the same run (EI, `--stage all`). It imports vLLM first (15-23 s on the H200
+    host), then waits for DIR/job.json: started early (`prestart`), that import overlaps this process's data prep
+    and tokenizing. It stops when this process is gone (plugins.lifeline) or `close()`s it."""
+
+    def __init__(self):
+        self.dir = Path(tempfile.mkdtemp(prefix="ladder-vllm-"))
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+                   LADDER_LAUNCHER_PID=str(os.getpid()))
+        self.started = time.time()
+        self.proc = subprocess.Popen([sys.executable, "-m", "stages.generate", str(self.dir)], env=env, cwd=REPO)
+        atexit.register(self.close)
+
+    def run(self, job: dict) -> dict:
+        """Hand the child its job, wait for it to exit; its out.json."""
+        tmp = self.dir / "job.tmp"
+        tmp.write_text(json.dumps(job))
+        tmp.rename(self.dir / "job.json")  # whole or not at all: the child polls for this name
+        try:
+            rc = self.proc.wait()
+            if rc or not (self.dir / "out.json").exists():
+                raise GenerationError(f"vLLM exited with {rc} generating with {job['model']} (its log is above); "
+                                      "--backend hf generates without it")
+            return json.loads((self.dir / "out.json").read_text())
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Stop the child if it still runs (a job that was never sent) and remove its folder."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+_early: list[VllmChild] = []  # prestart's child, until vllm_generate takes it
+
+
+def prestart() -> None:
+    """Start the vLLM child now, before the data and prompts are ready (evaluate.run calls this once it knows the
+    backend is vllm); the next vllm_generate uses it. `release()` stops it if nothing did."""
+    if not _early:
+        _early.append(VllmChild())
+
+
+def release() -> None:
+    """Stop a prestarted child that no generation used (the run stopped on bad input)."""
+    while _early:
+        _early.pop().close()
+
+
 def vllm_generate(model: str, prompts: list[list[int]], cfg, stops, sampling: dict | None = None, n: int = 1,
                   stop_ids: tuple[int, ...] = ()) -> tuple[list[Generation], float]:
     """vLLM, greedy unless `sampling` ({temperature, top_p}); `n` samples per prompt (vLLM's own `n`, one
-    request each, so the samples differ). The engine runs in a child process (`python -m stages.generate`):
-    its GPU memory is free again when this returns, so a training stage can follow in the same run (EI,
-    `--stage all`). Returns the Generations (prompt i's at i*n … i*n+n-1) and the generation seconds."""
+    request each, so the samples differ), in a VllmChild (the prestarted one if any). Returns the Generations
+    (prompt i's at i*n … i*n+n-1) and the generation seconds."""
     e = cfg.eval
     longest = max(map(len, prompts)) + int(e.max_new_tokens)
     job = {"model": model, "prompts": prompts,
            "engine": {"max_model_len": int(e.max_model_len or longest), "dtype": str(e.dtype),
                       "gpu_memory_utilization": float(e.gpu_memory_utilization), "seed": int(cfg.run.seed),
-                      "tensor_parallel_size": int(e.tensor_parallel_size), "enforce_eager": bool(e.enforce_eager)},
+                      "tensor_parallel_size": int(e.tensor_parallel_size), **cuda_graphs(cfg)},
            "sampling": {"n": int(n), "temperature": 0.0, "max_tokens": int(e.max_new_tokens), "stop": list(stops),
                         "stop_token_ids": list(stop_ids), "include_stop_str_in_output": True, **(sampling or {})}}
     if longest > job["engine"]["max_model_len"]:
         raise GenerationError(f"longest prompt ({longest - int(e.max_new_tokens)} tokens) + eval.max_new_tokens "
                               f"({e.max_new_tokens}) > eval.max_model_len ({e.max_model_len}); raise it or leave it null")
-    with tempfile.TemporaryDirectory(prefix="ladder-vllm-") as tmp:
-        (Path(tmp) / "job.json").write_text(json.dumps(job))
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-                   LADDER_LAUNCHER_PID=str(os.getpid()))  # the child stops when this process is gone (lifeline)
-        started = time.time()
-        done = subprocess.run([sys.executable, "-m", "stages.generate", tmp], env=env, cwd=REPO)
-        if done.returncode or not (Path(tmp) / "out.json").exists():
-            raise GenerationError(f"vLLM exited with {done.returncode} generating with {model} (its log is above); "
-                                  "--backend hf generates without it")
-        out = json.loads((Path(tmp) / "out.json").read_text())
+    child = _early.pop() if _early else VllmChild()
+    sent = time.time()
+    out = child.run(job)
     t = out.get("timing", {})
-    print(f"[generate] vLLM child: import {t.get('import', 0):.1f} s, engine start {t.get('engine', 0):.1f} s, "
-          f"generation {out['seconds']:.1f} s, process {time.time() - started:.1f} s", flush=True)
+    print(f"[generate] vLLM child: import {t.get('import', 0):.1f} s, then {t.get('waited', 0):.1f} s waiting for the "
+          f"prompts, engine start {t.get('engine', 0):.1f} s, generation {out['seconds']:.1f} s; "
+          f"{time.time() - sent:.1f} s from prompts to result, {time.time() - child.started:.1f} s since it started",
+          flush=True)
     return [Generation(text[: first_stop(text, stops)], "length" if reason == "length" else "stop", tokens)
             for text, reason, tokens in out["rows"]], out["seconds"]
 
 
 def _vllm_child(folder: Path) -> None:
-    """The child process of vllm_generate: folder/job.json in, folder/out.json out."""
+    """The child process of VllmChild: import vLLM, wait for folder/job.json, write folder/out.json."""
     import plugins.lifeline  # noqa: F401 (watches LADDER_LAUNCHER_PID: no engine outlives its launcher)
 
     t0 = time.time()
     from vllm import LLM, SamplingParams
 
     t1 = time.time()
+    while not (folder / "job.json").exists():
+        time.sleep(0.05)
+    t2 = time.time()
     job = json.loads((folder / "job.json").read_text())
     llm = LLM(model=job["model"], **job["engine"])
-    timing = {"import": t1 - t0, "engine": time.time() - t1}
+    timing = {"import": t1 - t0, "waited": t2 - t1, "engine": time.time() - t2}
     t0 = time.time()
     outs = llm.generate([{"prompt_token_ids": p} for p in job["prompts"]], SamplingParams(**job["sampling"]),
                         use_tqdm=True)

@@ -3,6 +3,7 @@ fail-fast checks, vLLM's parameters against a fake `vllm` module, checkpoint cur
 import json
 import os
 import shutil
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -17,6 +18,8 @@ from stages.__main__ import main as stages_main
 from stages.config import load_config
 from stages.evaluate import METRICS, score
 from stages.generate import Generation
+
+ORIGINAL_CHILD = generate.VllmChild
 
 EVAL = ["--stage", "eval", "--backend", "hf", "--device", "cpu", "--max_new_tokens", "16"]  # CPU even on a GPU host
 
@@ -225,6 +228,7 @@ def test_fail_fast_on_a_missing_or_malformed_test_set(tiny_model, tmp_path):
 FAKE_VLLM = """
 import json, os, types
 folder = os.environ["LADDER_FAKE_VLLM"]
+open(os.path.join(folder, f"imported.{os.getpid()}"), "w").close()  # when, and in which process, vllm was imported
 
 class SamplingParams:
     def __init__(self, **kw):
@@ -274,7 +278,8 @@ def test_vllm_gets_the_same_prompts_and_its_outputs_are_graded_alike(hf_run, tin
     got = seen()
     longest = max(len(p["prompt_token_ids"]) for p in got["prompts"])
     assert got["llm"] == {"model": str(tiny_model.resolve()), "max_model_len": longest + 16, "dtype": "bfloat16",
-                          "gpu_memory_utilization": 0.85, "seed": 42, "tensor_parallel_size": 1, "enforce_eager": True}
+                          "gpu_memory_utilization": 0.85, "seed": 42, "tensor_parallel_size": 1,
+                          "enforce_eager": True}  # eval.cuda_graphs=none
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny_model)
@@ -298,6 +303,58 @@ def test_vllm_samples_n_per_prompt_in_one_request_each(tiny_model, tmp_path, mon
     assert [p["prompt_token_ids"] for p in got["prompts"]] == [[1, 2], [3], [4, 5, 6]]
     assert got["params"]["n"] == 2 and got["params"]["temperature"] == 1.0 and "seed" not in got["params"]
     assert got["llm"]["max_model_len"] == 64
+
+
+@pytest.mark.parametrize("mode, engine", [
+    ("decode", {"enforce_eager": False, "compilation_config": {"mode": 0, "cudagraph_mode": "FULL_DECODE_ONLY"}}),
+    ("compiled", {"enforce_eager": False})])
+def test_eval_cuda_graphs_sets_vllms_engine_arguments(mode, engine, tiny_model, tmp_path, monkeypatch):
+    seen = fake_vllm(monkeypatch, tmp_path, [Generation("#### 1", "stop", 2)])
+    cfg = load_config("eval", ["eval.backend=vllm", "eval.max_new_tokens=8", f"eval.cuda_graphs={mode}"])
+    generate.generate(cfg, str(tiny_model), None, [[1, 2]], [])
+    llm = seen()["llm"]
+    assert {k: llm[k] for k in ("enforce_eager", "compilation_config") if k in llm} == engine
+
+
+def test_a_bad_eval_cuda_graphs_is_named_before_any_model_loads(tmp_path):
+    missing = tmp_path / "no_model"  # never looked at: the key is checked first
+    with pytest.raises(SystemExit, match="eval.cuda_graphs=full: use one of none, decode, compiled"):
+        stages_main([*EVAL, "--init", str(missing), "eval.cuda_graphs=full"])
+
+
+def test_the_vllm_child_imports_vllm_while_the_data_is_prepared(hf_run, tiny_model, tmp_path, monkeypatch):
+    """vLLM's import (15-23 s on the GPU host) overlaps data prep and tokenizing: the child is started as soon as the
+    backend is known. Here the data prep waits for the fake vllm's import; without the early start it never comes."""
+    hf = json.loads((hf_run / "metrics.json").read_text())
+    preds = lines(hf_run / "predictions.jsonl")
+    fake_vllm(monkeypatch, tmp_path, [Generation(p["completion"], p["finish_reason"], p["tokens"]) for p in preds])
+    folder = tmp_path / "fake_vllm"
+    prep, seen_during_prep = evaluate.eval_file, []
+
+    def slow_prep(*args):
+        deadline = time.time() + 60
+        while not list(folder.glob("imported.*")) and time.time() < deadline:
+            time.sleep(0.1)
+        seen_during_prep.extend(folder.glob("imported.*"))
+        return prep(*args)
+
+    monkeypatch.setattr(evaluate, "eval_file", slow_prep)
+    out = tmp_path / "eval"
+    assert stages_main([*EVAL, "--backend", "vllm", "--max_new_tokens", "16", "--limit", "8", "--init",
+                        str(tiny_model), f"eval.dataset={hf['dataset']}", f"eval.output_dir={out}"]) == 0
+    assert len(seen_during_prep) == 1, "vLLM was not imported while the data was prepared"
+    assert list(folder.glob("imported.*")) == seen_during_prep  # and that child (one process) generated
+    assert json.loads((out / "metrics.json").read_text())["accuracy"] == hf["accuracy"]
+
+
+def test_a_run_stopped_by_bad_input_leaves_no_vllm_child(tiny_model, tmp_path, monkeypatch):
+    fake_vllm(monkeypatch, tmp_path, [])
+    children = []
+    monkeypatch.setattr(generate, "VllmChild", lambda: children.append(ORIGINAL_CHILD()) or children[-1])
+    with pytest.raises(SystemExit, match="no such file"):
+        stages_main([*EVAL, "--backend", "vllm", "--init", str(tiny_model), f"eval.dataset={tmp_path / 'x.parquet'}"])
+    assert len(children) == 1  # it was started early, then stopped when the data turned out missing
+    assert children[0].proc.poll() is not None and not children[0].dir.exists()
     with pytest.raises(SystemExit, match="eval.max_model_len"):
         generate.generate(load_config("eval", ["eval.backend=vllm", "eval.max_model_len=4"]), "m", None,
                           [[1, 2, 3]], [], n=1)
