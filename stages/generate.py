@@ -8,8 +8,8 @@
 Both backends take the same prompt token ids and return `Generation`s in prompt order: `vllm` (`backend(cfg)`
 auto: when vllm imports and a GPU is present; run in a child process so its GPU memory is freed after; its
 max_model_len is the longest prompt + eval.max_new_tokens unless eval.max_model_len is set; eval.cuda_graphs
-picks eager mode, CUDA graphs of the decode steps without torch.compile, or vLLM's compiled default) or `hf` (transformers generate: batched longest-first, left
-padding, KV cache; eval.batch_size null starts at 256 on GPU and halves on CUDA OOM). Both stop at the
+picks eager mode, CUDA graphs of the decode steps, or vLLM's compiled default) or `hf` (transformers generate:
+batched longest-first, left padding, KV cache; eval.batch_size null starts at 256 on GPU and halves on CUDA OOM). Both stop at the
 template's stop strings (r1: `</answer>`, kept so the grader sees it), EOS, the chat template's end-of-turn
 token (`end_of_turn`: a base model such as Qwen2.5-0.5B declares `<|endoftext|>` as EOS, while its SFT'd
 answers end with `<|im_end|>`) or eval.max_new_tokens.
@@ -165,22 +165,32 @@ class VllmChild:
                 self.proc.kill()
                 self.proc.wait()
         shutil.rmtree(self.dir, ignore_errors=True)
+        atexit.unregister(self.close)
 
 
-_early: list[VllmChild] = []  # prestart's child, until vllm_generate takes it
+_early: VllmChild | None = None  # prestart's child, until vllm_generate takes it
 
 
 def prestart() -> None:
     """Start the vLLM child now, before the data and prompts are ready (evaluate.run calls this once it knows the
     backend is vllm); the next vllm_generate uses it. `release()` stops it if nothing did."""
-    if not _early:
-        _early.append(VllmChild())
+    global _early
+    _early = _early or VllmChild()
+
+
+def take() -> VllmChild:
+    """The prestarted child, or a new one."""
+    global _early
+    child, _early = _early or VllmChild(), None
+    return child
 
 
 def release() -> None:
     """Stop a prestarted child that no generation used (the run stopped on bad input)."""
-    while _early:
-        _early.pop().close()
+    global _early
+    if _early is not None:
+        _early.close()
+        _early = None
 
 
 def vllm_generate(model: str, prompts: list[list[int]], cfg, stops, sampling: dict | None = None, n: int = 1,
@@ -199,7 +209,7 @@ def vllm_generate(model: str, prompts: list[list[int]], cfg, stops, sampling: di
     if longest > job["engine"]["max_model_len"]:
         raise GenerationError(f"longest prompt ({longest - int(e.max_new_tokens)} tokens) + eval.max_new_tokens "
                               f"({e.max_new_tokens}) > eval.max_model_len ({e.max_model_len}); raise it or leave it null")
-    child = _early.pop() if _early else VllmChild()
+    child = take()
     sent = time.time()
     out = child.run(job)
     t = out.get("timing", {})

@@ -303,6 +303,9 @@ def test_vllm_samples_n_per_prompt_in_one_request_each(tiny_model, tmp_path, mon
     assert [p["prompt_token_ids"] for p in got["prompts"]] == [[1, 2], [3], [4, 5, 6]]
     assert got["params"]["n"] == 2 and got["params"]["temperature"] == 1.0 and "seed" not in got["params"]
     assert got["llm"]["max_model_len"] == 64
+    with pytest.raises(SystemExit, match="eval.max_model_len"):
+        generate.generate(load_config("eval", ["eval.backend=vllm", "eval.max_model_len=4"]), "m", None,
+                          [[1, 2, 3]], [], n=1)
 
 
 @pytest.mark.parametrize("mode, engine", [
@@ -355,9 +358,6 @@ def test_a_run_stopped_by_bad_input_leaves_no_vllm_child(tiny_model, tmp_path, m
         stages_main([*EVAL, "--backend", "vllm", "--init", str(tiny_model), f"eval.dataset={tmp_path / 'x.parquet'}"])
     assert len(children) == 1  # it was started early, then stopped when the data turned out missing
     assert children[0].proc.poll() is not None and not children[0].dir.exists()
-    with pytest.raises(SystemExit, match="eval.max_model_len"):
-        generate.generate(load_config("eval", ["eval.backend=vllm", "eval.max_model_len=4"]), "m", None,
-                          [[1, 2, 3]], [], n=1)
 
 
 def test_vllm_r1_stops_at_answer_and_auto_picks_vllm_on_gpu(tiny_model, tmp_path, monkeypatch):
