@@ -277,10 +277,16 @@ def run(cfg) -> int:
         return 0
     # ---- everything that can be wrong is found before the first token is generated
     sampling(cfg)
-    engine = generate.backend(cfg)
-    if engine == "vllm":  # vLLM's import (15-23 s) runs while the data and the tokenizer are made ready
+    generate.cuda_graphs(cfg)
+    # vLLM's import (15-23 s) runs while this process imports torch and makes the data and the tokenizer ready
+    if generate.likely_vllm(cfg):
         generate.prestart()
     try:
+        engine = generate.backend(cfg)
+        if engine == "vllm":
+            generate.prestart()  # the cue missed it (auto, and no driver file seen): start it now
+        else:
+            generate.release()  # the cue was wrong (auto: torch sees no GPU)
         return run_on(cfg, init, out, engine)
     finally:
         generate.release()  # the prestarted child, if the run stopped before it was used

@@ -62,6 +62,20 @@ def cuda_graphs(cfg) -> dict:
     return CUDA_GRAPHS[mode]
 
 
+def gpu_present() -> bool:
+    """An NVIDIA driver on this machine, seen without importing torch (a cue, not a promise of a usable GPU)."""
+    return os.path.exists("/dev/nvidiactl") or os.path.exists("/proc/driver/nvidia/version")
+
+
+def likely_vllm(cfg) -> bool:
+    """Whether backend(cfg) will pick vllm, judged before torch is imported: evaluate.run starts the vLLM child
+    on this cue, so vLLM's import also overlaps this process's own torch import; backend(cfg) decides."""
+    name = str(cfg.eval.backend)
+    if name not in ("auto", "vllm") or importlib.util.find_spec("vllm") is None:
+        return False
+    return name == "vllm" or (cfg.launch.device != "cpu" and gpu_present())
+
+
 def backend(cfg) -> str:
     import torch
 
@@ -228,6 +242,7 @@ def _vllm_child(folder: Path) -> None:
     t0 = time.time()
     from vllm import LLM, SamplingParams
 
+    inspect_here()
     t1 = time.time()
     while not (folder / "job.json").exists():
         time.sleep(0.05)
@@ -241,6 +256,19 @@ def _vllm_child(folder: Path) -> None:
     seconds = time.time() - t0
     rows = [[o.text, o.finish_reason, len(o.token_ids)] for r in outs for o in r.outputs]
     (folder / "out.json").write_text(json.dumps({"seconds": seconds, "rows": rows, "timing": timing}))
+
+
+def inspect_here() -> None:
+    """The first time vLLM meets a model architecture it reads the model class's traits in a fresh Python process
+    (keeping the answer in ~/.cache/vllm/modelinfos), so that its own process has no CUDA context yet; that process
+    imports vLLM again: 19 s of a fresh GPU host's first eval. This child has vLLM imported and no CUDA context, so
+    the class is read here (an import of one model module). A vLLM without that hook is left as it is."""
+    try:
+        from vllm.model_executor.models import registry
+    except ImportError:
+        return
+    if callable(getattr(registry, "_run_in_subprocess", None)):
+        registry._run_in_subprocess = lambda fn: fn()
 
 
 def cut(tok, ids: list[int], eos: set[int], stops) -> Generation:

@@ -236,7 +236,11 @@ class SamplingParams:
 
 class LLM:
     def __init__(self, **kw):
+        from vllm.model_executor.models import registry  # as vLLM's config does on a model's first use
+
         self.kw = kw
+        json.dump({"inspected_in": registry._run_in_subprocess(os.getpid), "llm_in": os.getpid()},
+                  open(os.path.join(folder, "inspected.json"), "w"))
 
     def generate(self, prompts, params, use_tqdm=True):
         script = iter(json.load(open(os.path.join(folder, "script.json"))))
@@ -249,6 +253,12 @@ class LLM:
         return outs
 """
 
+# vLLM's model registry reads a new architecture's class traits in a fresh Python process (which imports vLLM again)
+FAKE_REGISTRY = """
+def _run_in_subprocess(fn):
+    return "a fresh process"
+"""
+
 
 def fake_vllm(monkeypatch, tmp_path, completions: list[Generation]):
     """A `vllm` package on PYTHONPATH (the child process imports it) that answers `completions` in order;
@@ -256,6 +266,10 @@ def fake_vllm(monkeypatch, tmp_path, completions: list[Generation]):
     root = tmp_path / "fake_vllm"
     (root / "vllm").mkdir(parents=True)
     (root / "vllm" / "__init__.py").write_text(FAKE_VLLM)
+    (root / "vllm" / "model_executor" / "models").mkdir(parents=True)
+    for package in ("model_executor", "model_executor/models"):
+        (root / "vllm" / package / "__init__.py").write_text("")
+    (root / "vllm" / "model_executor" / "models" / "registry.py").write_text(FAKE_REGISTRY)
     (root / "script.json").write_text(json.dumps([[g.text, g.finish_reason, g.tokens] for g in completions]))
     monkeypatch.setenv("LADDER_FAKE_VLLM", str(root))
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
@@ -348,6 +362,51 @@ def test_the_vllm_child_imports_vllm_while_the_data_is_prepared(hf_run, tiny_mod
     assert len(seen_during_prep) == 1, "vLLM was not imported while the data was prepared"
     assert list(folder.glob("imported.*")) == seen_during_prep  # and that child (one process) generated
     assert json.loads((out / "metrics.json").read_text())["accuracy"] == hf["accuracy"]
+
+
+def test_the_vllm_child_reads_the_model_class_itself_and_starts_before_torch_is_imported(tiny_model, tmp_path,
+                                                                                          monkeypatch):
+    """On a fresh GPU host vLLM's first look at an architecture re-imports vLLM in a new process (19 s): the child,
+    with vLLM imported and no CUDA context, answers it in its own process. And with --backend vllm the child starts
+    before this process imports torch (the cue is read without torch)."""
+    fake_vllm(monkeypatch, tmp_path, [Generation("#### 1", "stop", 2)])
+    order, decide = [], generate.backend
+    monkeypatch.setattr(generate, "VllmChild", lambda: order.append("child") or ORIGINAL_CHILD())
+    monkeypatch.setattr(generate, "backend", lambda cfg: order.append("backend(), which imports torch") or decide(cfg))
+    data = parquet(tmp_path, "gsm8k", [("1+0?", "1")])
+    assert stages_main([*EVAL, "--backend", "vllm", "--init", str(tiny_model), f"eval.dataset={data}",
+                        f"eval.output_dir={tmp_path / 'eval'}"]) == 0
+    assert order[:2] == ["child", "backend(), which imports torch"]  # (generate() asks backend() again)
+    seen = json.loads((tmp_path / "fake_vllm" / "inspected.json").read_text())
+    assert seen["inspected_in"] == seen["llm_in"]
+
+
+@pytest.mark.parametrize("backend, device, driver, vllm, cue", [
+    ("vllm", "auto", False, True, True), ("auto", "auto", True, True, True), ("auto", "auto", False, True, False),
+    ("auto", "cpu", True, True, False), ("hf", "auto", True, True, False), ("auto", "auto", True, False, False)])
+def test_the_early_vllm_cue(backend, device, driver, vllm, cue, monkeypatch):
+    monkeypatch.setattr(generate, "gpu_present", lambda: driver)
+    monkeypatch.setattr(generate.importlib.util, "find_spec", lambda name: object() if vllm else None)
+    cfg = load_config("eval", [f"eval.backend={backend}", f"launch.device={device}"])
+    assert generate.likely_vllm(cfg) is cue
+
+
+def test_a_wrong_early_cue_stops_the_child_and_evaluates_with_hf(tiny_model, tmp_path, monkeypatch):
+    """auto, a driver file and vllm installed, but torch sees no GPU: the early child is stopped, hf generates."""
+    fake_vllm(monkeypatch, tmp_path, [])
+    children = []
+    monkeypatch.setattr(generate, "VllmChild", lambda: children.append(ORIGINAL_CHILD()) or children[-1])
+    monkeypatch.setattr(generate, "gpu_present", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    hf, stopped_first = generate.hf_generate, []
+    monkeypatch.setattr(generate, "hf_generate", lambda *a, **k: stopped_first.append(children[0].proc.poll() is not None)
+                        or hf(*a, **k))
+    out = tmp_path / "eval"
+    data = parquet(tmp_path, "gsm8k", [("1+0?", "1")])
+    assert stages_main(["--stage", "eval", "--backend", "auto", "--max_new_tokens", "4", "--init", str(tiny_model),
+                        f"eval.dataset={data}", f"eval.output_dir={out}"]) == 0
+    assert json.loads((out / "metrics.json").read_text())["backend"] == "hf"
+    assert len(children) == 1 and stopped_first == [True] and not children[0].dir.exists()  # stopped before hf ran
 
 
 def test_a_run_stopped_by_bad_input_leaves_no_vllm_child(tiny_model, tmp_path, monkeypatch):
