@@ -3,6 +3,7 @@
     ./train.sh --stage all --model Qwen/Qwen2.5-1.5B
     ./train.sh --stage all --model Qwen/Qwen2.5-0.5B --use_lora ei.rounds=0      # SFT → GRPO → eval
     ./train.sh --stage all --run_name myrun …                                     # rerun: resumes
+    ./train.sh --stage all --run_name myrun --until sft …      # stop after SFT and its eval; rerun without it
 
 The chain is the stage table's (stages/registry.py). Each stage starts from the one before it through its
 folder (`model.init=outputs/<run>/<stage>`), exactly as if the stages were run one by one with `--init`. A
@@ -39,6 +40,9 @@ def run(cfg) -> int:
         cfg.run.name = Path(str(cfg.model.path).rstrip("/")).name or "model"
     run_dir = stage_dir(cfg, "data").parent
     stages = plan(cfg)
+    until = cfg.run.get("until")
+    if until is not None and until not in stages:
+        raise SystemExit(f"[all] run.until={until}: use one of {', '.join(stages)} (this chain's stages)")
     print(f"[all] {run_dir}: {' -> '.join(['data', *stages])}", flush=True)
     if cfg.run.dry_run:
         print(OmegaConf.to_yaml(cfg, resolve=True))
@@ -74,6 +78,10 @@ def run(cfg) -> int:
             if rc:
                 return rc
         previous = stage
+        if stage == until:
+            chain_report(run_dir)
+            print(f"[all] stopped after {stage} (run.until); the same command without --until goes on from here")
+            return 0
     chain_report(run_dir)
     print(f"[all] done: {run_dir / 'report.md'}")
     return 0

@@ -12,8 +12,12 @@ Each round r (outputs/<run>/ei/round_r/):
      keep lenient ones) that stopped on their own, drop identical completions, keep at most
      `ei.max_per_question` per question → kept.parquet (SFT rows);
   3. fine-tune with the SFT stage (full or LoRA; a LoRA round's adapter is merged, so the next
-     round samples from the merged model) starting from the previous round's model, or from the
-     initial model every round (`ei.init_each_round: base`, as in CS336's expert iteration);
+     round samples from the merged model) starting from the previous round's model
+     (`ei.init_each_round: previous`), from the initial policy every round (`base`, as in CS336's expert
+     iteration), or from `model.path` every round (`model`: in `--stage all` the model the chain started
+     from, so a round is SFT of the pretrained model on the references and the samples, as in RFT (Yuan et
+     al. 2023) and ReST-EM); `ei.references: true` adds the training set's reference solutions (data_prep's
+     sft_train, all of data.train_size) to the kept samples → train.parquet;
   4. greedy eval on the test set (`eval.*`, e.g. eval.limit) and a round.json record.
 A finished round (its round.json exists) is never redone, so a killed run restarts at the first
 unfinished round. A round that keeps nothing stops with a message instead of training on nothing.
@@ -77,12 +81,32 @@ def questions(problems: pd.DataFrame, count, seed: int) -> pd.DataFrame:
     return problems.sample(n=int(count), random_state=seed).sort_index().reset_index(drop=True)
 
 
+STARTS = ("previous", "base", "model")  # ei.init_each_round
+
+
+def round_start(cfg, policy: str, initial: str) -> str:
+    """The model a round fine-tunes (ei.init_each_round)."""
+    from stages.export import resolve_init
+
+    return {"previous": policy, "base": initial}.get(str(cfg.ei.init_each_round)) or resolve_init(str(cfg.model.path))
+
+
+def training_rows(cfg, kept: pd.DataFrame, files: dict) -> pd.DataFrame:
+    """What a round fine-tunes on: the kept samples, plus every reference solution with ei.references."""
+    if not cfg.ei.references:
+        return kept
+    refs = pd.read_parquet(files["sft_train"])
+    return pd.concat([refs[list(kept.columns)], kept], ignore_index=True)
+
+
 def run(cfg) -> int:
     from data_prep import prepare
     from stages import report
     from stages.export import resolve_init
 
     out = stage_dir(cfg, "ei")
+    if str(cfg.ei.init_each_round) not in STARTS:
+        raise SystemExit(f"[ei] ei.init_each_round={cfg.ei.init_each_round}: use one of {', '.join(STARTS)}")
     initial = resolve_init(str(cfg.model.init or cfg.model.path))
     files = prepare(cfg.data, stage_dir(cfg, "data"))
     problems = questions(pd.read_parquet(files["rl_train"]), cfg.ei.questions, int(cfg.data.seed))
@@ -110,14 +134,18 @@ def run(cfg) -> int:
             print(f"[ei] round {r} kept no sample: nothing to train on. Raise --samples (now {cfg.ei.samples}) "
                   f"or ei.temperature (now {cfg.ei.temperature}), or start from a stronger --init.")
             return 1
-        kept = rdir / "kept.parquet"
-        pd.DataFrame([{k: v for k, v in row.items() if k != "tokens"} for row in rows]).to_parquet(kept, index=False)
+        kept = pd.DataFrame([{k: v for k, v in row.items() if k != "tokens"} for row in rows])
+        kept.to_parquet(rdir / "kept.parquet", index=False)
+        train = rdir / "train.parquet"
+        training_rows(cfg, kept, files).to_parquet(train, index=False)
         # ---- 3-4. fine-tune through the SFT stage, then evaluate the new policy
         round_cfg = copy.deepcopy(cfg)
         round_cfg.run.output_dir, round_cfg.run.name = str(out), f"round_{r}"
-        round_cfg.model.path = policy if cfg.ei.init_each_round == "previous" else initial
+        round_cfg.model.path = round_start(cfg, policy, initial)
         round_cfg.model.init = None
-        round_cfg.data.train_file, round_cfg.data.val_file = str(kept.resolve()), None
+        round_cfg.data.train_file, round_cfg.data.val_file = str(train.resolve()), None
+        print(f"[ei] round {r}: fine-tuning {round_cfg.model.path} on {len(kept)} samples"
+              + (f" and the references ({train})" if cfg.ei.references else f" ({train})"), flush=True)
         round_cfg.eval.dataset = files["rl_test"]
         metrics = chain.train_then_evaluate(round_cfg)
         if isinstance(metrics, int):

@@ -152,3 +152,30 @@ def test_all_dry_run_names_the_chain(tiny_model, tmp_path, capsys):
     assert stages_main(["--stage", "all", "--dry_run", "--model", str(tiny_model), f"run.output_dir={tmp_path}",
                         "ei.rounds=0"]) == 0
     assert capsys.readouterr().out.splitlines()[0].endswith(": data -> sft -> grpo -> eval")
+
+
+def test_until_stops_the_chain_after_a_stage_and_the_same_command_goes_on(gsm8k_dir, tmp_path, monkeypatch, capsys):
+    """--until sft: SFT and its eval, then stop; the same command without it resumes at EI. The stages are stand-ins
+    that write a done manifest (the chain fixture runs real ones)."""
+    from stages import all as chain_all
+    from stages import registry
+
+    ran = []
+
+    def stage(cfg, name):
+        ran.append(name)
+        folder = tmp_path / "u" / name
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "manifest.json").write_text(json.dumps({"stage": name, "status": "done"}))
+        return 0
+
+    monkeypatch.setattr(registry, "run", stage)
+    monkeypatch.setattr(chain_all, "rung_eval", lambda cfg, run_dir, rung, model: ran.append(f"{rung} eval") and 0)
+    args = ["--stage", "all", "--train_size", "8", "run.name=u", f"run.output_dir={tmp_path}"]
+    assert stages_main([*args, "--until", "sft"]) == 0
+    assert ran == ["base eval", "sft", "sft eval"] and "stopped after sft" in capsys.readouterr().out
+    ran.clear()
+    assert stages_main(args) == 0
+    assert ran == ["base eval", "sft eval", "ei", "grpo", "eval"]  # (rung_eval itself skips a rung it has)
+    with pytest.raises(SystemExit, match="run.until=rl: use one of sft, ei, grpo, eval"):
+        stages_main([*args, "--until", "rl"])

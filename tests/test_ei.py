@@ -6,6 +6,8 @@ duplicate and a wrong completion per question (as the issue allows); everything 
 resumes it without sampling again, are tests/test_all.py's EI chain (one verl SFT run fewer).
 """
 
+import shutil
+
 import pytest
 
 import stages.ei as ei
@@ -97,3 +99,43 @@ def test_sample_draws_k_per_question_with_eis_settings(tiny_model):
     hot = ei.sample(load_config("ei", [*base, "ei.temperature=5.0", "ei.max_new_tokens=12"]), str(tiny_model), tok,
                     prompts, ())
     assert len(hot) == 6 and len({g.text for g in hot[:3]}) == 3  # sampled: a question's samples differ
+
+
+@pytest.mark.parametrize("start, references", [("model", True), ("previous", False)])
+def test_a_round_trains_from_ei_init_each_round_on_the_samples_and_with_ei_references_the_gold(
+        start, references, tiny_model, tmp_path, monkeypatch, golds):
+    """What a round hands the SFT stage (its training run is replaced here; test_all's chain runs a real one): the
+    kept samples, plus every reference solution with ei.references=true; the model ei.init_each_round names."""
+    import json
+
+    import pandas as pd
+
+    from stages import chain
+
+    seen = []
+
+    def fake_train(round_cfg):
+        seen.append((round_cfg.model.path, pd.read_parquet(round_cfg.data.train_file)))
+        sft = tmp_path / "r" / "ei" / "round_1" / "sft"
+        sft.mkdir(parents=True)
+        (sft / "manifest.json").write_text(json.dumps({"hf_model": "round-1-model"}))
+        return {"accuracy": 0.5, "format_accuracy": 1.0, "trunc_rate": 0.0, "avg_gen_len": 9.0}
+
+    monkeypatch.setattr(ei, "sample", planted([]))
+    monkeypatch.setattr(chain, "train_then_evaluate", fake_train)
+    other = tmp_path / "pretrained"
+    shutil.copytree(tiny_model, other)
+    assert main(ARGS + ["--init", str(tiny_model), "--model", str(other), f"run.output_dir={tmp_path}",
+                        f"ei.init_each_round={start}", f"ei.references={references}"]) == 0
+    (model, rows), = seen
+    assert model == str((other if start == "model" else tiny_model).resolve())
+    answers = [m[1]["content"] for m in rows["messages"]]
+    samples = [f"Adding up.\n#### {g}" for g in ei_golds]  # one kept per question: the duplicate is dropped
+    refs = list(pd.read_parquet(tmp_path / "r" / "data" / "sft_train.parquet")["messages"].map(lambda m: m[1]["content"]))
+    assert answers == (refs + samples if references else samples) and len(refs) == 4
+
+
+def test_a_bad_ei_init_each_round_is_named_before_sampling(tiny_model, tmp_path, monkeypatch):
+    monkeypatch.setattr(ei, "sample", lambda *a: pytest.fail("sampled"))
+    with pytest.raises(SystemExit, match="ei.init_each_round=prev: use one of previous, base, model"):
+        main(ARGS + ["--init", str(tiny_model), f"run.output_dir={tmp_path}", "ei.init_each_round=prev"])
