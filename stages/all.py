@@ -129,9 +129,9 @@ def chain_report(run_dir: Path) -> Path:
     for name, path in found:
         m = json.loads(path.read_text())
         keys = spent.get(name, ("ei",) if [name] == last_ei else ())  # EI's time is the stage's, on its last round
-        seconds = sum(times.get(k, 0.0) for k in keys)
+        timed = [times[k] for k in keys if k in times]  # none: the rung's eval was made outside the chain
         rows.append([name, m["accuracy"], m["lenient_accuracy"], m["format_accuracy"], m["trunc_rate"],
-                     m["avg_gen_len"], round(seconds) if keys else "", m["n"]])
+                     m["avg_gen_len"], round(sum(timed)) if timed else "", m["n"]])
         points.append((name, m["accuracy"]))
     curve = [r for r in grpo_report.curve(run_dir / "grpo") if r.get("val_acc") is not None] \
         if (run_dir / "grpo" / "logs").exists() else []

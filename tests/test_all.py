@@ -179,3 +179,19 @@ def test_until_stops_the_chain_after_a_stage_and_the_same_command_goes_on(gsm8k_
     assert ran == ["base eval", "sft eval", "ei", "grpo", "eval"]  # (rung_eval itself skips a rung it has)
     with pytest.raises(SystemExit, match="run.until=rl: use one of sft, ei, grpo, eval"):
         stages_main([*args, "--until", "rl"])
+
+
+def test_the_ladder_table_leaves_a_rungs_wall_time_blank_when_the_chain_did_not_time_it(tmp_path):
+    """A base eval made beforehand by `--stage eval` into <run>/base/eval (the chain then skips it) has no time in
+    chain.json: its cell is blank, not 0 s; the SFT rung sums training and eval."""
+    from stages import all as chain_all
+
+    metrics = {"accuracy": 0.2, "lenient_accuracy": 0.2, "format_accuracy": 0.9, "trunc_rate": 0.0, "avg_gen_len": 9.0,
+               "n": 4}
+    for rung in ("base", "sft"):
+        (tmp_path / rung / "eval").mkdir(parents=True)
+        (tmp_path / rung / "eval" / "metrics.json").write_text(json.dumps(metrics))
+    (tmp_path / "chain.json").write_text(json.dumps({"sft": 100.4, "sft-eval": 20.0}))
+    text = chain_all.chain_report(tmp_path).read_text()
+    assert "| base | 0.2000 | 0.2000 | 0.9000 | 0.0000 | 9.0000 |  | 4 |" in text
+    assert "| sft | 0.2000 | 0.2000 | 0.9000 | 0.0000 | 9.0000 | 120 | 4 |" in text
