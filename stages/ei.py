@@ -84,19 +84,20 @@ def questions(problems: pd.DataFrame, count, seed: int) -> pd.DataFrame:
 STARTS = ("previous", "base", "model")  # ei.init_each_round
 
 
-def round_start(cfg, policy: str, initial: str) -> str:
-    """The model a round fine-tunes (ei.init_each_round)."""
-    from stages.export import resolve_init
+def check_pretrained(cfg) -> None:
+    """ei.init_each_round=model fine-tunes model.path every round. When --init is a ladder stage (or run) folder whose
+    manifest names the model it was trained from, model.path must be that model: `--stage ei --init <run>/sft`
+    without --model would otherwise restart from config.yaml's default model."""
+    from stages.config import read_manifest
 
-    return {"previous": policy, "base": initial}.get(str(cfg.ei.init_each_round)) or resolve_init(str(cfg.model.path))
-
-
-def training_rows(cfg, kept: pd.DataFrame, files: dict) -> pd.DataFrame:
-    """What a round fine-tunes on: the kept samples, plus every reference solution with ei.references."""
-    if not cfg.ei.references:
-        return kept
-    refs = pd.read_parquet(files["sft_train"])
-    return pd.concat([refs[list(kept.columns)], kept], ignore_index=True)
+    init = Path(str(cfg.model.init or "")).expanduser()
+    found = [m for m in (init, init / "manifest.json", init / "sft" / "manifest.json")
+             if cfg.model.init and m.name == "manifest.json" and m.is_file()]
+    base = str(read_manifest(found[0]).get("base_model") or "") if found else ""
+    path = str(cfg.model.path)
+    if base and base != path and not (Path(base).exists() and Path(base).resolve() == Path(path).expanduser().resolve()):
+        raise SystemExit(f"[ei] ei.init_each_round=model restarts every round from model.path ({cfg.model.path}), but "
+                         f"{found[0]} was trained from {base}: pass --model {base}")
 
 
 def run(cfg) -> int:
@@ -107,6 +108,8 @@ def run(cfg) -> int:
     out = stage_dir(cfg, "ei")
     if str(cfg.ei.init_each_round) not in STARTS:
         raise SystemExit(f"[ei] ei.init_each_round={cfg.ei.init_each_round}: use one of {', '.join(STARTS)}")
+    if cfg.ei.init_each_round == "model":
+        check_pretrained(cfg)
     initial = resolve_init(str(cfg.model.init or cfg.model.path))
     files = prepare(cfg.data, stage_dir(cfg, "data"))
     problems = questions(pd.read_parquet(files["rl_train"]), cfg.ei.questions, int(cfg.data.seed))
@@ -136,12 +139,14 @@ def run(cfg) -> int:
             return 1
         kept = pd.DataFrame([{k: v for k, v in row.items() if k != "tokens"} for row in rows])
         kept.to_parquet(rdir / "kept.parquet", index=False)
-        train = rdir / "train.parquet"
-        training_rows(cfg, kept, files).to_parquet(train, index=False)
+        train = rdir / "train.parquet"  # the kept samples, after every reference solution with ei.references
+        refs = [pd.read_parquet(files["sft_train"])[list(kept.columns)]] if cfg.ei.references else []
+        pd.concat([*refs, kept], ignore_index=True).to_parquet(train, index=False)
         # ---- 3-4. fine-tune through the SFT stage, then evaluate the new policy
         round_cfg = copy.deepcopy(cfg)
         round_cfg.run.output_dir, round_cfg.run.name = str(out), f"round_{r}"
-        round_cfg.model.path = round_start(cfg, policy, initial)
+        start = {"previous": policy, "base": initial}.get(str(cfg.ei.init_each_round))
+        round_cfg.model.path = start or resolve_init(str(cfg.model.path))  # init_each_round=model
         round_cfg.model.init = None
         round_cfg.data.train_file, round_cfg.data.val_file = str(train.resolve()), None
         print(f"[ei] round {r}: fine-tuning {round_cfg.model.path} on {len(kept)} samples"

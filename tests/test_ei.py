@@ -139,3 +139,22 @@ def test_a_bad_ei_init_each_round_is_named_before_sampling(tiny_model, tmp_path,
     monkeypatch.setattr(ei, "sample", lambda *a: pytest.fail("sampled"))
     with pytest.raises(SystemExit, match="ei.init_each_round=prev: use one of previous, base, model"):
         main(ARGS + ["--init", str(tiny_model), f"run.output_dir={tmp_path}", "ei.init_each_round=prev"])
+
+
+def test_init_each_round_model_refuses_a_model_path_other_than_the_inits_base(tiny_model, tmp_path, monkeypatch):
+    """`--stage ei --init <run>/sft ei.init_each_round=model` without --model would restart every round from
+    config.yaml's default model, not the one the SFT stage trained: named before anything is sampled."""
+    import json
+
+    monkeypatch.setattr(ei, "sample", lambda *a: pytest.fail("sampled"))
+    sft = tmp_path / "run" / "sft"
+    sft.mkdir(parents=True)
+    (sft / "manifest.json").write_text(json.dumps({"stage": "sft", "status": "done", "hf_model": str(tiny_model),
+                                                   "base_model": "Org/The-Base-1B"}))
+    for init in (sft, sft.parent):  # the stage folder, or the run folder
+        with pytest.raises(SystemExit, match=r"trained from Org/The-Base-1B: pass --model Org/The-Base-1B"):
+            main(ARGS + ["--init", str(init), f"run.output_dir={tmp_path}", "ei.init_each_round=model"])
+    from stages.config import load_config
+
+    ok = load_config("ei", [f"model.init={sft}", "model.path=Org/The-Base-1B", "ei.init_each_round=model"])
+    ei.check_pretrained(ok)  # the base it was trained from: accepted
