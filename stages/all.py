@@ -13,7 +13,9 @@ model (no timestamp), so the rerun finds it.
 Every rung is measured on the same test set with the eval stage (eval.*): the starting model
 (`base/eval`), the SFT export (`sft/eval`), EI's last round (its own eval) and GRPO's export (the closing
 `eval`). report.md opens with the chain: one table (stage, strict, lenient, format, truncation, mean
-length, wall time) and one plot of accuracy across stages and GRPO's validation steps.
+length, wall time) and one plot of accuracy across stages and GRPO's validation steps. GRPO skips verl's
+validation before its first step when that would repeat the previous rung's eval (the whole test set:
+grpo.val_size -1 and no eval.limit).
 Flags such as --lr or --batch_size set the SFT stage; set other stages with their keys (ei.rounds=2,
 grpo.lr=1e-6, grpo.verl.trainer.test_freq=10); a bare verl key is refused as ambiguous.
 `ei.rounds=0` skips expert iteration.
@@ -62,6 +64,10 @@ def run(cfg) -> int:
             stage_cfg = copy.deepcopy(cfg)
             if stage == "grpo":
                 stage_cfg.grpo.final_eval = False  # the chain's own eval stage follows
+                if previous and int(cfg.grpo.val_size) == -1 and cfg.eval.limit is None:
+                    # verl's validation before step 1 would repeat the last rung's eval (same model, same test
+                    # set, greedy), at the cost of a whole-test-set generation in every GRPO launch
+                    stage_cfg.grpo.verl.trainer.val_before_train = False
             if stage == "eval":
                 stage_cfg.eval.output_dir = str(folder)
             if previous:

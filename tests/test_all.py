@@ -164,6 +164,8 @@ def test_until_stops_the_chain_after_a_stage_and_the_same_command_goes_on(gsm8k_
 
     def stage(cfg, name):
         ran.append(name)
+        if name == "grpo":  # the EI rung's eval measured this model on this test set: no step-0 validation again
+            assert cfg.grpo.verl.trainer.val_before_train is False
         folder = tmp_path / "u" / name
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "manifest.json").write_text(json.dumps({"stage": name, "status": "done"}))
@@ -179,6 +181,11 @@ def test_until_stops_the_chain_after_a_stage_and_the_same_command_goes_on(gsm8k_
     assert ran == ["base eval", "sft eval", "ei", "grpo", "eval"]  # (rung_eval itself skips a rung it has)
     with pytest.raises(SystemExit, match="run.until=rl: use one of sft, ei, grpo, eval"):
         stages_main([*args, "--until", "rl"])
+    # validation on part of the test set (grpo.val_size) is not what the rung's eval measured: verl's step 0 stays
+    monkeypatch.setattr(registry, "run", lambda cfg, name: ran.append(cfg.grpo.verl.trainer.val_before_train) or 0)
+    (tmp_path / "u" / "grpo" / "manifest.json").unlink()
+    ran.clear()
+    assert stages_main([*args, "grpo.val_size=64"]) == 0 and ran == ["base eval", "sft eval", True]  # grpo only
 
 
 def test_the_ladder_table_leaves_a_rungs_wall_time_blank_when_the_chain_did_not_time_it(tmp_path):
