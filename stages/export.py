@@ -1,7 +1,8 @@
 """verl checkpoints → plain Hugging Face folders, and `--init` → the folder a stage starts from.
 
 `export(step_dir, dest)` turns a verl `global_step_N` folder into `dest/hf` (safetensors + tokenizer
-+ chat template + generation config) that transformers and vLLM load unchanged:
++ chat template + generation config, whose eos_token_id gains the chat template's end of turn: see
+`stop_at_end_of_turn`) that transformers and vLLM load unchanged:
   - the weights come from the checkpoint's `huggingface/` (there because ladder asks verl for
     `hf_model`), or, when that holds none, from `python -m verl.model_merger merge --backend fsdp`;
   - verl leaves LoRA unmerged (PEFT-wrapped keys in `huggingface/`, or base + `lora_adapter/` from
@@ -153,6 +154,7 @@ def export(step_dir: Path, dest: Path, base_model: str | None = None) -> dict:
         del config["attn_implementation"]
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     check_model_folder(tmp)
+    stop_at_end_of_turn(tmp)
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     shutil.rmtree(merged_dir, ignore_errors=True)
@@ -160,6 +162,30 @@ def export(step_dir: Path, dest: Path, base_model: str | None = None) -> dict:
     record = {"from": str(step_dir.resolve()), "lora": lora, "via": via}
     (out / "ladder_export.json").write_text(json.dumps(record) + "\n")
     return result
+
+
+def stop_at_end_of_turn(folder: Path) -> None:
+    """Add the chat template's end-of-turn token (`<|im_end|>`) to generation_config.json's eos_token_id when it is
+    not there. A base model (Qwen2.5-0.5B) declares only `<|endoftext|>`, but SFT on chat rows teaches it to end
+    each answer with the end of turn; vLLM (ladder's eval, verl's rollout) and transformers' generate (ladder's hf
+    rollout) stop at generation_config.json's ids, so without it every answer of an SFT'd base model would run on
+    to the length limit. Instruct models list the token already and are left as they are."""
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+    from stages.generate import end_of_turn
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    turn = end_of_turn(tok) if tok.chat_template else None
+    if turn is None:
+        return
+    try:
+        gen = GenerationConfig.from_pretrained(folder)
+    except OSError:  # no generation_config.json: start from config.json's ids
+        gen = GenerationConfig.from_model_config(AutoConfig.from_pretrained(folder))
+    ids = gen.eos_token_id if isinstance(gen.eos_token_id, list) else [i for i in [gen.eos_token_id] if i is not None]
+    if turn not in ids:
+        gen.eos_token_id = [*ids, turn]
+        gen.save_pretrained(folder)
 
 
 def check_model_folder(folder: Path) -> None:

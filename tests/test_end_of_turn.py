@@ -7,6 +7,8 @@ with `<|im_end|>` and never says `<|endoftext|>`: generation that stops only at 
 to max_new_tokens, every answer counted as truncated. The tiny model here is built with that setup.
 """
 import json
+import shutil
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -101,3 +103,39 @@ def test_sft_base_model_stops_at_im_end(base_model, tmp_path):
     assert [(g.text, g.finish_reason) for g in gens] == [(a, "stop") for _, a in ROWS]
     # the answer's tokens and the end of turn, nothing after it
     assert [g.tokens for g in gens] == [len(tok.encode(a)) + 1 for _, a in ROWS]
+
+
+def test_an_exported_base_model_stops_at_the_end_of_turn_by_its_own_generation_config(base_model, tmp_path,
+                                                                                       monkeypatch):
+    """verl's rollouts stop where generation_config.json says (vLLM adds its eos_token_id list to every request's
+    stop ids; ladder's hf rollout passes it to generate): the export adds `<|im_end|>` there, keeping the EOS."""
+    from transformers import AutoTokenizer, GenerationConfig, Qwen2ForCausalLM
+
+    from stages.export import export
+
+    step = tmp_path / "global_step_1"
+    shutil.copytree(base_model, step / "huggingface")
+    hf = export(step, tmp_path / "out")["hf"]
+    tok = AutoTokenizer.from_pretrained(hf)
+    endoftext, im_end = tok.convert_tokens_to_ids(["<|endoftext|>", "<|im_end|>"])
+    assert GenerationConfig.from_pretrained(hf).eos_token_id == [endoftext, im_end] and tok.eos_token == "<|endoftext|>"
+    # a folder that lists it already is left as it is
+    shutil.copy2(Path(hf) / "generation_config.json", step / "huggingface" / "generation_config.json")
+    again = export(step, tmp_path / "again")["hf"]
+    assert (Path(again) / "generation_config.json").read_text() == (Path(hf) / "generation_config.json").read_text()
+
+    script = tok.encode("#### 5") + [im_end] + tok.encode("\n more words") * 4
+    forward, step_no = Qwen2ForCausalLM.forward, []
+
+    def scripted(self, input_ids=None, **kw):
+        out = forward(self, input_ids=input_ids, **kw)
+        out.logits = torch.full_like(out.logits[:, -1:], -1e4)
+        out.logits[:, -1, script[min(len(step_no), len(script) - 1)]] = 0.0
+        step_no.append(1)
+        return out
+
+    monkeypatch.setattr(Qwen2ForCausalLM, "forward", scripted)
+    model = Qwen2ForCausalLM.from_pretrained(hf)
+    prompt = torch.tensor(generate.prompt_ids(tok, [[{"role": "user", "content": "What is 2 + 3?"}]]))
+    new = model.generate(prompt, max_new_tokens=24, do_sample=False)[0, prompt.shape[1]:].tolist()
+    assert new == tok.encode("#### 5") + [im_end]  # the model's own generation config, nothing passed
