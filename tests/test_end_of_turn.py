@@ -35,6 +35,23 @@ def eval_cfg(max_new_tokens):
     return load_config("eval", ["launch.device=cpu", "eval.backend=hf", f"eval.max_new_tokens={max_new_tokens}"])
 
 
+def say_five_then_more(monkeypatch, tok):
+    """Qwen2's logits scripted to say `#### 5<|im_end|>`, then more text after the end of turn."""
+    from transformers import Qwen2ForCausalLM
+
+    script = tok.encode("#### 5") + [tok.convert_tokens_to_ids("<|im_end|>")] + tok.encode("\n more words") * 4
+    forward, step = Qwen2ForCausalLM.forward, []
+
+    def scripted(self, input_ids=None, **kw):
+        out = forward(self, input_ids=input_ids, **kw)
+        out.logits = torch.full_like(out.logits[:, -1:], -1e4)
+        out.logits[:, -1, script[min(len(step), len(script) - 1)]] = 0.0
+        step.append(1)
+        return out
+
+    monkeypatch.setattr(Qwen2ForCausalLM, "forward", scripted)
+
+
 def test_base_style_tiny_model_declares_endoftext_as_eos(base_model):
     from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
@@ -50,20 +67,10 @@ def test_base_style_tiny_model_declares_endoftext_as_eos(base_model):
 
 def test_generation_stops_at_the_end_of_turn_token(base_model, monkeypatch):
     """The model's logits are scripted to say `#### 5<|im_end|>` then more text; generation ends at `<|im_end|>`."""
-    from transformers import AutoTokenizer, Qwen2ForCausalLM
+    from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(base_model)
-    script = tok.encode("#### 5") + [tok.convert_tokens_to_ids("<|im_end|>")] + tok.encode("\n more words") * 4
-    forward, step = Qwen2ForCausalLM.forward, []
-
-    def scripted(self, input_ids=None, **kw):
-        out = forward(self, input_ids=input_ids, **kw)
-        out.logits = torch.full_like(out.logits[:, -1:], -1e4)
-        out.logits[:, -1, script[min(len(step), len(script) - 1)]] = 0.0
-        step.append(1)
-        return out
-
-    monkeypatch.setattr(Qwen2ForCausalLM, "forward", scripted)
+    say_five_then_more(monkeypatch, tok)
     tok_ids = generate.prompt_ids(tok, [[{"role": "user", "content": "What is 2 + 3?"}]])
     (g,), _ = generate.generate(eval_cfg(24), str(base_model), tok, tok_ids, ())
     assert (g.text, g.finish_reason, g.tokens) == ("#### 5", "stop", len(tok.encode("#### 5")) + 1)
@@ -124,17 +131,7 @@ def test_an_exported_base_model_stops_at_the_end_of_turn_by_its_own_generation_c
     again = export(step, tmp_path / "again")["hf"]
     assert (Path(again) / "generation_config.json").read_text() == (Path(hf) / "generation_config.json").read_text()
 
-    script = tok.encode("#### 5") + [im_end] + tok.encode("\n more words") * 4
-    forward, step_no = Qwen2ForCausalLM.forward, []
-
-    def scripted(self, input_ids=None, **kw):
-        out = forward(self, input_ids=input_ids, **kw)
-        out.logits = torch.full_like(out.logits[:, -1:], -1e4)
-        out.logits[:, -1, script[min(len(step_no), len(script) - 1)]] = 0.0
-        step_no.append(1)
-        return out
-
-    monkeypatch.setattr(Qwen2ForCausalLM, "forward", scripted)
+    say_five_then_more(monkeypatch, tok)
     model = Qwen2ForCausalLM.from_pretrained(hf)
     prompt = torch.tensor(generate.prompt_ids(tok, [[{"role": "user", "content": "What is 2 + 3?"}]]))
     new = model.generate(prompt, max_new_tokens=24, do_sample=False)[0, prompt.shape[1]:].tolist()
