@@ -67,13 +67,21 @@ def gpu_present() -> bool:
     return os.path.exists("/dev/nvidiactl") or os.path.exists("/proc/driver/nvidia/version")
 
 
+def pick(cfg, gpu: bool) -> tuple[str, bool]:
+    """(eval.backend with auto decided, whether vllm imports): auto is vllm when it imports, `gpu` and the device
+    is not cpu."""
+    name, has_vllm = str(cfg.eval.backend), importlib.util.find_spec("vllm") is not None
+    if name == "auto":
+        name = "vllm" if has_vllm and gpu and cfg.launch.device != "cpu" else "hf"
+    return name, has_vllm
+
+
 def likely_vllm(cfg) -> bool:
-    """Whether backend(cfg) will pick vllm, judged before torch is imported: evaluate.run starts the vLLM child
-    on this cue, so vLLM's import also overlaps this process's own torch import; backend(cfg) decides."""
-    name = str(cfg.eval.backend)
-    if name not in ("auto", "vllm") or importlib.util.find_spec("vllm") is None:
-        return False
-    return name == "vllm" or (cfg.launch.device != "cpu" and gpu_present())
+    """Whether backend(cfg) will pick vllm, judged before torch is imported (a driver file for torch's answer):
+    evaluate.run starts the vLLM child on this cue, so vLLM's import also overlaps this process's own torch
+    import; backend(cfg) decides."""
+    name, has_vllm = pick(cfg, gpu_present())
+    return name == "vllm" and has_vllm
 
 
 def backend(cfg) -> str:
@@ -81,9 +89,7 @@ def backend(cfg) -> str:
 
     cuda_graphs(cfg)  # checked with the backend, before any model or data is loaded
 
-    name, has_vllm = str(cfg.eval.backend), importlib.util.find_spec("vllm") is not None
-    if name == "auto":
-        name = "vllm" if has_vllm and torch.cuda.is_available() and cfg.launch.device != "cpu" else "hf"
+    name, has_vllm = pick(cfg, torch.cuda.is_available())
     if name not in ("hf", "vllm") or (name == "vllm" and not has_vllm):
         raise GenerationError(f"eval.backend={name}: use auto, hf or vllm (vllm: pip install -e '.[gpu]' on a GPU machine)")
     return name
