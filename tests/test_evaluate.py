@@ -243,14 +243,27 @@ class LLM:
                   open(os.path.join(folder, "inspected.json"), "w"))
 
     def generate(self, prompts, params, use_tqdm=True):
-        script = iter(json.load(open(os.path.join(folder, "script.json"))))
+        script = iter(enumerate(json.load(open(os.path.join(folder, "script.json")))))
         json.dump({"llm": self.kw, "params": params.kw, "prompts": prompts}, open(os.path.join(folder, "seen.json"), "w"))
         outs = []
         for _ in prompts:
             samples = [next(script) for _ in range(params.kw.get("n", 1))]
-            outs.append(types.SimpleNamespace(outputs=[types.SimpleNamespace(text=t, token_ids=[0] * k, finish_reason=r)
-                                                       for t, r, k in samples]))
+            if params.kw.get("detokenize", True):
+                outputs = [types.SimpleNamespace(text=t, token_ids=[0] * k, finish_reason=r) for _, (t, r, k) in samples]
+            else:  # vLLM leaves the text empty; the ids stand for the scripted text (see Tokenizer)
+                outputs = [types.SimpleNamespace(text="", token_ids=[i + 1] + [0] * (k - 1), finish_reason=r)
+                           for i, (t, r, k) in samples]
+            outs.append(types.SimpleNamespace(outputs=outputs))
         return outs
+
+    def get_tokenizer(self):
+        return Tokenizer()
+
+class Tokenizer:  # decodes the fake's ids: the first id is the scripted sample's number + 1
+    def batch_decode(self, ids, skip_special_tokens=False):
+        assert skip_special_tokens  # as vLLM's own detokenizing does by default
+        script = json.load(open(os.path.join(folder, "script.json")))
+        return [script[row[0] - 1][0] if row else "" for row in ids]
 """
 
 # vLLM's model registry reads a new architecture's class traits in a fresh Python process (which imports vLLM again)
@@ -299,7 +312,8 @@ def test_vllm_gets_the_same_prompts_and_its_outputs_are_graded_alike(hf_run, tin
     tok = AutoTokenizer.from_pretrained(tiny_model)
     assert got["params"] == {"n": 1, "temperature": 0.0, "max_tokens": 16, "stop": [],
                              "stop_token_ids": [tok.convert_tokens_to_ids("<|im_end|>")],  # the end of turn
-                             "include_stop_str_in_output": True}
+                             "include_stop_str_in_output": True,
+                             "detokenize": False}  # no stop strings: the child decodes the ids once
     first = tok.decode(got["prompts"][0]["prompt_token_ids"])
     assert first.startswith("<|im_start|>user\n" + preds[0]["question"]) and first.endswith("<|im_start|>assistant\n")
 
@@ -316,6 +330,7 @@ def test_vllm_samples_n_per_prompt_in_one_request_each(tiny_model, tmp_path, mon
     got = seen()
     assert [p["prompt_token_ids"] for p in got["prompts"]] == [[1, 2], [3], [4, 5, 6]]
     assert got["params"]["n"] == 2 and got["params"]["temperature"] == 1.0 and "seed" not in got["params"]
+    assert got["params"]["detokenize"]  # vLLM's stop strings need its own detokenizing
     assert got["llm"]["max_model_len"] == 64
     with pytest.raises(SystemExit, match="eval.max_model_len"):
         generate.generate(load_config("eval", ["eval.backend=vllm", "eval.max_model_len=4"]), "m", None,
