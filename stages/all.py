@@ -34,7 +34,12 @@ from stages.config import stage_dir
 
 
 def plan(cfg) -> list[str]:
-    return [s for s in registry.chain() if not (s == "ei" and int(cfg.ei.rounds) <= 0)]
+    stages = [s for s in registry.chain() if not (s == "ei" and int(cfg.ei.rounds) <= 0)]
+    if "grpo" in stages and str(cfg.grpo.prompts) == "mixed" and stages[stages.index("grpo") - 1] != "ei":
+        # said now, not after SFT: GRPO's mixed prompts are EI's last round's counts
+        raise SystemExit("[all] grpo.prompts=mixed needs the expert-iteration stage before GRPO (ei.rounds="
+                         f"{cfg.ei.rounds}): set ei.rounds >= 1, or grpo.prompts=all")
+    return stages
 
 
 def run(cfg) -> int:

@@ -47,16 +47,18 @@ def sample(cfg, policy: str, tok, prompts: list[list[int]], stops) -> list:
 
 
 def filter_samples(problems: pd.DataFrame, gens: list, k: int, keep: str, cap: int) -> tuple[list[dict], dict]:
-    """Graded, deduplicated, capped SFT rows and the round's counts."""
+    """Graded, deduplicated, capped SFT rows and the round's counts (stats["per_question"]: each question's
+    extra_info.index and how many of its k samples were right, for solve.parquet)."""
     from rewards import compute_score
 
-    rows, solved, correct = [], 0, 0
+    rows, solved, correct, per_question = [], 0, 0, []
     for i, problem in enumerate(problems.itertuples()):
-        seen, ok_any = set(), False
+        seen, ok_any, right = set(), False, 0
         for g in gens[i * k:(i + 1) * k]:
             score = compute_score(problem.data_source, g.text, problem.reward_model["ground_truth"])
             good = score["acc"] if keep == "strict" else score["lenient_acc"]
             correct += int(good > 0)
+            right += int(good > 0)
             ok_any |= good > 0
             if good and g.finish_reason == "stop" and g.text not in seen and len(seen) < cap:
                 seen.add(g.text)
@@ -66,9 +68,11 @@ def filter_samples(problems: pd.DataFrame, gens: list, k: int, keep: str, cap: i
                              "data_source": problem.data_source, "extra_info": dict(problem.extra_info),
                              "tokens": g.tokens})
         solved += int(ok_any)
+        per_question.append({"index": int(dict(problem.extra_info)["index"]), "correct": right, "samples": k})
     n = len(problems)
     stats = {"questions": n, "samples": n * k, "correct_samples": correct, "solve_rate": solved / max(n, 1),
-             "kept": len(rows), "mean_kept_tokens": sum(r["tokens"] for r in rows) / max(len(rows), 1)}
+             "kept": len(rows), "mean_kept_tokens": sum(r["tokens"] for r in rows) / max(len(rows), 1),
+             "per_question": per_question}
     return rows, stats
 
 
@@ -81,7 +85,8 @@ def questions(problems: pd.DataFrame, count, seed: int) -> pd.DataFrame:
     return problems.sample(n=int(count), random_state=seed).sort_index().reset_index(drop=True)
 
 
-STARTS = ("previous", "base", "model")  # ei.init_each_round
+STARTS = ("previous", "base", "model")
+SOLVE_FILE = "solve.parquet"  # round_N/: index (the training row's extra_info.index), correct, samples
 
 
 def check_pretrained(cfg) -> None:
@@ -132,6 +137,8 @@ def run(cfg) -> int:
         # ---- 1-2. sample and filter
         gens = sample(cfg, policy, tok, prompts, stops)
         rows, stats = filter_samples(problems, gens, int(cfg.ei.samples), str(cfg.ei.keep), int(cfg.ei.max_per_question))
+        # each sampled question's right answers out of ei.samples: grpo.prompts=mixed trains on those in between
+        pd.DataFrame(stats.pop("per_question")).to_parquet(rdir / SOLVE_FILE, index=False)
         print(f"[ei] round {r}: solve rate {stats['solve_rate']:.3f}, kept {stats['kept']} of {stats['samples']} samples")
         if not rows:
             print(f"[ei] round {r} kept no sample: nothing to train on. Raise --samples (now {cfg.ei.samples}) "

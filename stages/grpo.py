@@ -28,6 +28,8 @@ checked before anything starts, all visible with --dry_run):
     plugins/grpo_variants.py's reward manager (verl 0.9.1's managers pass none).
 verl 0.9.1's dynamic sampling (algorithm.filter_groups: drop or resample groups whose rewards are all equal)
 exists only in its v1 trainer (TransferQueue); with the legacy trainer ladder runs, the key is refused.
+Ladder's offline counterpart, `grpo.prompts: mixed`, trains on the questions expert iteration's last round
+(the `--init` EI stage) answered right sometimes but not always, from its round_N/solve.parquet.
 What ladder sets on top of verl's defaults (all visible with --dry_run):
   - the legacy trainer (`trainer.use_v1=false`: verl's v1 trainer needs the TransferQueue package);
   - rollout `auto`: vLLM when it imports, else `hf`, ladder's transformers backend (plugins/hf_rollout.py,
@@ -97,6 +99,81 @@ def rl_files(cfg, prepare: bool = True) -> tuple[str, str]:
     return str(Path(train).resolve()), str(Path(val).resolve())
 
 
+PROMPTS = ("all", "mixed")  # grpo.prompts
+
+
+def mixed_prompts(cfg, train: str, init_info: dict, out: Path, dry_run: bool) -> tuple[str, dict | None]:
+    """grpo.prompts=mixed: the training rows whose question the init policy answered right sometimes but not
+    always in expert iteration's last round (round_N/solve.parquet: 0 < correct < samples). A GRPO group whose
+    rewards are all equal has zero advantage, so no gradient: in the sixth session's run 33-53% of the groups
+    each step were such. Writes out/train_mixed.parquet and returns it with the counts; all: the file as is."""
+    import pandas as pd
+
+    from stages.ei import SOLVE_FILE
+
+    choice = str(cfg.grpo.prompts)
+    if choice not in PROMPTS:
+        raise SystemExit(f"[grpo] grpo.prompts={choice}: use one of {', '.join(PROMPTS)}")
+    if choice == "all":
+        return train, None
+    where = Path(init_info.get("init_dir") or "")
+    if init_info.get("init_stage") != "ei":
+        raise SystemExit(f"[grpo] grpo.prompts=mixed keeps the questions expert iteration's last round solved "
+                         f"sometimes: --init must be an EI stage (outputs/<run>/ei), not {init_info['init']} "
+                         f"(stage {init_info.get('init_stage')}); or grpo.prompts=all")
+    rounds = sorted(where.glob(f"round_*/{SOLVE_FILE}"), key=lambda f: int(f.parent.name.split("_")[1]))
+    if not rounds:
+        raise SystemExit(f"[grpo] grpo.prompts=mixed: no round_*/{SOLVE_FILE} in {where} (an EI run older than "
+                         "this key writes none): rerun the EI round, or grpo.prompts=all")
+    solve = pd.read_parquet(rounds[-1])
+    mixed = set(solve.loc[(solve["correct"] > 0) & (solve["correct"] < solve["samples"]), "index"].tolist())
+    picked = out / "train_mixed.parquet"
+    counts = {"solve_file": str(rounds[-1]), "sampled": len(solve), "mixed": len(mixed),
+              "all_right": int((solve["correct"] == solve["samples"]).sum()), "none_right": int((solve["correct"] == 0).sum())}
+    if dry_run:
+        print(f"[grpo] grpo.prompts=mixed: {counts['mixed']} of {counts['sampled']} questions sampled in "
+              f"{rounds[-1]} -> {picked}")
+        return str(picked), counts
+    rows = pd.read_parquet(train)
+    index = rows["extra_info"].map(lambda info: (dict(info) if info is not None else {}).get("index"))
+    if index.isna().any():
+        raise SystemExit(f"[grpo] grpo.prompts=mixed matches rows by extra_info.index, which {train} lacks in row "
+                         f"{int(index.isna().values.argmax())}: use data_prep's rl_train.parquet, or grpo.prompts=all")
+    keep = rows[index.isin(mixed).values].reset_index(drop=True)
+    counts["rows"] = len(keep)
+    if len(keep) < int(cfg.grpo.batch_size):
+        raise SystemExit(f"[grpo] grpo.prompts=mixed leaves {len(keep)} of {len(rows)} training prompts ({counts}), "
+                         f"fewer than grpo.batch_size={cfg.grpo.batch_size}: sample more questions in EI "
+                         "(ei.questions, ei.samples), or grpo.prompts=all")
+    out.mkdir(parents=True, exist_ok=True)
+    keep.to_parquet(picked, index=False)
+    print(f"[grpo] grpo.prompts=mixed: {len(keep)} of {len(rows)} training prompts (of {counts['sampled']} "
+          f"sampled in {rounds[-1]}: {counts['all_right']} always right, {counts['none_right']} never)", flush=True)
+    return str(picked.resolve()), counts
+
+
+def fit_epochs(cfg, train: str) -> None:
+    """grpo.total_steps beyond grpo.epochs' worth of batches: verl's loop would end with the data, before its
+    last step, so without the last step's save and validation. Raise grpo.epochs to cover the steps asked for
+    (verl's train loader drops the last partial batch: rows // batch_size steps an epoch)."""
+    import math
+
+    import pyarrow.parquet as pq
+
+    if not Path(train).is_file():  # --dry_run before data_prep: nothing to count
+        return
+    per_epoch = pq.ParquetFile(train).metadata.num_rows // int(cfg.grpo.batch_size)
+    if per_epoch < 1:
+        raise SystemExit(f"[grpo] {train} has fewer rows than grpo.batch_size={cfg.grpo.batch_size}: not one step")
+    if cfg.grpo.total_steps is None:
+        return
+    need = math.ceil(int(cfg.grpo.total_steps) / per_epoch)
+    if need > int(cfg.grpo.epochs):
+        print(f"[grpo] grpo.total_steps={cfg.grpo.total_steps} at {per_epoch} steps an epoch: grpo.epochs "
+              f"{cfg.grpo.epochs} -> {need}", flush=True)
+        cfg.grpo.epochs = need
+
+
 def rollout_name(cfg) -> str:
     name = str(cfg.grpo.rollout)
     if name == "auto":
@@ -127,7 +204,8 @@ def initial_policy(cfg) -> tuple[str, dict]:
     manifest = next((c / "manifest.json" for c in candidates if (c / "manifest.json").is_file()), None)
     if manifest is not None:  # what the init stage was: LoRA runs hand over their merged export
         m = read_manifest(manifest)
-        info.update(init_stage=m.get("stage"), init_was_lora=bool(m.get("lora")), init_base_model=m.get("base_model"))
+        info.update(init_stage=m.get("stage"), init_was_lora=bool(m.get("lora")), init_base_model=m.get("base_model"),
+                    init_dir=str(manifest.parent))
     return resolve_init(given), info
 
 
@@ -302,6 +380,8 @@ def run(cfg) -> int:
         raise SystemExit(f"[grpo] {err}") from None
     out = stage_dir(cfg, "grpo")
     train, val = rl_files(cfg, prepare=not dry_run)
+    train, prompt_counts = mixed_prompts(cfg, train, init_info, out, dry_run)
+    fit_epochs(cfg, train)
     cmd = [sys.executable, "-m", "verl.trainer.main_ppo", *main_ppo_keys(cfg, out, init, train, val, rollout)]
     launch.check_verl_keys(cfg, "grpo", "verl.trainer.main_ppo", cmd[3:])
     if dry_run:
@@ -310,6 +390,7 @@ def run(cfg) -> int:
         return 0
     lora = bool(cfg.model.use_lora)
     record = dict(stage="grpo", base_model=init, lora=lora, rollout=rollout, train_file=train, val_file=val,
+                  prompts=str(cfg.grpo.prompts), prompt_counts=prompt_counts,
                   **init_info, reference_policy=(f"{init} (the actor with its LoRA adapter disabled)" if lora
                                                  else f"{init} (a frozen copy)"),
                   lora_to_rollout=(None if not lora else "adapter; vLLM loads the init weights "

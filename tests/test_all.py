@@ -58,10 +58,16 @@ def chain(tiny_model, gsm8k_dir, tmp_path_factory):
         policies.append(policy)
         golds = [r["ground_truth"] for r in pd.read_parquet(run / "data" / "rl_train.parquet")["reward_model"]]
         assert len(golds) == len(prompts)
-        return [g for gold in golds for g in (Generation(f"So.\n#### {gold}", "stop", 5),) * 2
-                + (Generation("#### -1", "stop", 3),)]
+        right, wrong = (lambda gold: Generation(f"So.\n#### {gold}", "stop", 5)), Generation("#### -1", "stop", 3)
+        # question 0 always right (two texts), question 1 never, the others right twice (the same text), wrong once
+        other = (lambda gold: Generation(f"Yes.\n#### {gold}", "stop", 5))
+        return [g for i, gold in enumerate(golds)
+                for g in ([right(gold), other(gold), right(gold)] if i == 0 else [wrong] * 3 if i == 1
+                          else [right(gold)] * 2 + [wrong])]
 
-    argv = [*ALL, "--use_lora", "--lora_rank", "4", "--model", str(tiny_model), f"run.output_dir={root}"]
+    # GRPO on the 6 questions EI's round solved sometimes: one batch of 4 an epoch, so 2 epochs for 2 steps
+    argv = [*ALL, "--use_lora", "--lora_rank", "4", "--model", str(tiny_model), f"run.output_dir={root}",
+            "grpo.prompts=mixed"]
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(ei, "sample", planted)
         assert stages_main(argv) == 0
@@ -78,10 +84,16 @@ def test_all_chains_sft_ei_grpo_eval_and_reports_every_rung(chain):
     # EI started from the SFT export, sampled it once, and kept one completion per question
     assert policies == [sft["hf_model"]] and Path(ei_["base_model"]) == Path(sft["hf_model"])
     (round_1,) = ei_["rounds"]
-    # 8 questions x 3 samples: the duplicate right one is dropped, the wrong one is not kept
-    assert (round_1["questions"], round_1["samples"], round_1["correct_samples"], round_1["kept"]) == (8, 24, 16, 8)
-    assert round_1["solve_rate"] == 1.0 and round_1["eval_accuracy"] == 0.0
+    # 8 questions x 3 samples: duplicate right ones are dropped, wrong ones are not kept
+    assert (round_1["questions"], round_1["samples"], round_1["correct_samples"], round_1["kept"]) == (8, 24, 15, 8)
+    assert round_1["solve_rate"] == 7 / 8 and round_1["eval_accuracy"] == 0.0
     assert len(pd.read_parquet(run / "ei" / "round_1" / "kept.parquet")) == 8
+    solve = pd.read_parquet(run / "ei" / "round_1" / "solve.parquet")
+    assert solve["correct"].tolist() == [3, 0, 2, 2, 2, 2, 2, 2] and set(solve["samples"]) == {3}
+    # grpo.prompts=mixed: GRPO trained on the six questions in between, two epochs of one step
+    assert (grpo["prompts"], grpo["prompt_counts"]["rows"], grpo["prompt_counts"]["mixed"]) == ("mixed", 6, 6)
+    picked = pd.read_parquet(grpo["train_file"])["extra_info"].map(lambda info: dict(info)["index"]).tolist()
+    assert picked == solve["index"].tolist()[2:] and grpo["config"]["grpo"]["epochs"] == 2
     assert json.loads((run / "ei" / "round_1" / "sft" / "manifest.json").read_text())["status"] == "done"
     # GRPO started from EI's last round, and the closing eval measured GRPO's export
     assert grpo["init_stage"] == "ei" and Path(grpo["base_model"]) == Path(ei_["hf_model"]) == Path(round_1["policy"])
@@ -148,6 +160,9 @@ def test_all_dry_run_names_the_chain(tiny_model, tmp_path, capsys):
     assert stages_main(["--stage", "all", "--dry_run", "--model", str(tiny_model), f"run.output_dir={tmp_path}"]) == 0
     first = capsys.readouterr().out.splitlines()[0]
     assert first == f"[all] {tmp_path / tiny_model.name}: data -> sft -> ei -> grpo -> eval"
+    # GRPO's mixed prompts are EI's counts: without EI the chain says so before SFT starts
+    with pytest.raises(SystemExit, match="grpo.prompts=mixed needs the expert-iteration stage"):
+        stages_main(["--stage", "all", "--dry_run", "--model", str(tiny_model), "ei.rounds=0", "grpo.prompts=mixed"])
     # ei.rounds=0 (stages/all.py's LoRA example) skips expert iteration: GRPO follows SFT
     assert stages_main(["--stage", "all", "--dry_run", "--model", str(tiny_model), f"run.output_dir={tmp_path}",
                         "ei.rounds=0"]) == 0

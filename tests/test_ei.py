@@ -80,6 +80,7 @@ def test_filter_keeps_by_the_grader_ei_keep_names(keep, kept, correct):
     rows, stats = ei.filter_samples(one_problem(), gens, 3, keep, cap=4)
     assert [r["messages"][1]["content"] for r in rows] == kept
     assert (stats["correct_samples"], stats["kept"]) == (correct, len(kept))
+    assert stats["per_question"] == [{"index": 0, "correct": correct, "samples": 3}]  # solve.parquet's row
 
 
 def test_sample_draws_k_per_question_with_eis_settings(tiny_model):

@@ -347,10 +347,10 @@ def dry_run(argv, capsys, monkeypatch, vllm=True):
 def rl_files(tmp_path):
     import pandas as pd
 
-    row = {"data_source": "openai/gsm8k", "prompt": [{"role": "user", "content": "1+1?"}], "ability": "math",
-           "reward_model": {"style": "rule", "ground_truth": "2"}, "extra_info": {"index": 0}}
-    for name in ("train", "test"):
-        pd.DataFrame([row]).to_parquet(tmp_path / f"rl_{name}.parquet")
+    rows = [{"data_source": "openai/gsm8k", "prompt": [{"role": "user", "content": f"1+{i}?"}], "ability": "math",
+             "reward_model": {"style": "rule", "ground_truth": str(1 + i)}, "extra_info": {"index": i}} for i in range(4)]
+    for name in ("train", "test"):  # 4 rows: one batch of CPU_RUN's 4 prompts (fewer is refused: not one step)
+        pd.DataFrame(rows).to_parquet(tmp_path / f"rl_{name}.parquet")
     return ["--train_data", str(tmp_path / "rl_train.parquet"), "--val_data", str(tmp_path / "rl_test.parquet")]
 
 
