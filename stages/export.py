@@ -14,7 +14,8 @@ naming ladder's training-only attention (`ladder_varlen`) is given transformers'
 folder loads anywhere.
 
 `resolve_init(path)` accepts a run folder (outputs/<run>: its most advanced stage with an export),
-a stage folder or its manifest.json, a verl `global_step_N` folder (exported on first use into
+a stage folder or its manifest.json, a verl `global_step_N` folder (SFT's, or GRPO's with its `actor/`; that
+`actor/` folder too) (exported on first use into
 `global_step_N/ladder_export/`, so the cache goes when verl or keep-last-N deletes the checkpoint,
 and no stray `global_step_*` sibling confuses checkpoint listings), any Hugging Face folder, or a
 hub id (not when HF_HUB_OFFLINE=1). `run_folder(init)` finds the outputs/<run> an --init lies in.
@@ -224,10 +225,12 @@ def resolve_init(path: str | Path) -> str:
         if stages:
             raise ValueError(f"{p}: no stage has finished yet ({', '.join(s.name for s in stages)} still "
                              "running or failed); resume it, or pass one of its global_step_N folders")
+        if p.name == "actor" and p.parent.name.startswith("global_step_"):
+            p = p.parent
         if p.name.startswith("global_step_"):
             cached = p / CACHE / "hf"
-            if not (cached / "ladder_export.json").exists():
-                export(p, p / CACHE, base_model=_base_of(p))
+            if not (cached / "ladder_export.json").exists():  # GRPO's (main_ppo's) checkpoints keep it in actor/
+                export(p / "actor" if (p / "actor").is_dir() else p, p / CACHE, base_model=_base_of(p))
             return str(cached.resolve())
         check_model_folder(p)
         return str(p.resolve())

@@ -183,6 +183,17 @@ def test_run_folder_prefers_the_latest_finished_stage(tiny_model, tmp_path):
     assert resolve_init(tmp_path) == str(tiny_model.resolve())
 
 
+def test_a_grpo_checkpoint_or_its_actor_folder_resolves_to_one_export(tiny_model, tmp_path):
+    """main_ppo saves global_step_N/actor/{huggingface,…} (the SFT trainer global_step_N/huggingface): --init of the
+    step folder or of its actor/ folder exports the actor once, into global_step_N/ladder_export."""
+    step = tmp_path / "grpo" / "global_step_10"
+    shutil.copytree(tiny_model, step / "actor" / "huggingface")
+    folder = resolve_init(step)
+    assert folder == str((step / "ladder_export" / "hf").resolve())
+    assert Path(folder, "ladder_export.json").exists()
+    assert resolve_init(step / "actor") == folder
+
+
 def test_checkpoint_without_weights_is_named(tmp_path):
     step = tmp_path / "global_step_5"
     (step / "huggingface").mkdir(parents=True)
