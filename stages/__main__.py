@@ -6,7 +6,7 @@ import sys
 
 from omegaconf import OmegaConf
 
-from stages import registry
+from stages import registry, supervise
 from stages.cli import parse
 from stages.config import flatten, load_config
 
@@ -21,6 +21,7 @@ def main(argv: list[str] | None = None, environ=None) -> int:
     except Exception as err:  # hydra's own message names the bad key; keep it, drop the traceback
         print(f"ladder: bad configuration: {err}", file=sys.stderr)
         return 2
+    supervise.set_deadline(cfg.run.time_limit)  # from now: every trainer this command starts stops by then
     if cfg.run.dry_run and not registry.get(stage).dry_run:
         print(OmegaConf.to_yaml(cfg, resolve=True))
         return 0

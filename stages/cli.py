@@ -72,6 +72,8 @@ FLAGS = (
     Flag("compile", "model.compile", None, "torch.compile each decoder layer (SFT)", switch="true"),
     Flag("output_dir", "run.output_dir", "OUTPUT_DIR", "where run folders go"),
     Flag("run_name", "run.name", "RUN_NAME", "outputs/<run_name>/…"),
+    Flag("time_limit", "run.time_limit", None, "stop a trainer this many seconds after the command started "
+         "(GRPO saves a checkpoint first); rerun to resume"),
     Flag("until", "run.until", None, "--stage all: stop after this stage (sft | ei | grpo) and its eval; rerun without it to go on"),
     Flag("skip_bad", "data.skip_bad", None, "skip (and count) bad records instead of stopping", switch="true"),
     Flag("answer_only", "data.answer_only", None, "supervise only the final answer", switch="true"),

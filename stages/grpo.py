@@ -65,6 +65,8 @@ from stages import launch, ray_cluster, registry, supervise
 from stages.config import REPO, read_manifest, stage_dir, verl_overrides, write_manifest
 
 RL_COLUMNS = ("data_source", "prompt", "reward_model")
+EXPIRATION_ENV = "MLP_CURRENT_CAPACITY_BLOCK_EXPIRATION_TIMESTAMP"  # verl.utils.checkpoint.should_save_ckpt_esi
+DEADLINE_SAVE_S = 30  # run.time_limit: what a save is given before the deadline (0.5B with its optimizer: 13 s)
 
 
 # ---- inputs: data, rollout backend, initial policy
@@ -346,15 +348,21 @@ def grpo_environment(cfg, out: Path | None) -> dict[str, str]:
     else:
         env = launch.environment(cfg, out.resolve())  # PYTHONPATH, metrics/TensorBoard paths, wandb, CPU platform
     env["VERL_USE_EXTERNAL_MODULES"] = external_modules(cfg)
+    if supervise.deadline and out is not None:
+        # verl's capacity-expiration save: after a step's update, a checkpoint when EXPIRATION - now <= 60 s (its
+        # estimate of a save) + the longest step so far. Shifted so that it saves once less than the longest
+        # step + DEADLINE_SAVE_S is left before ladder stops the trainer (run.time_limit)
+        env[EXPIRATION_ENV] = f"{supervise.deadline + 60 - DEADLINE_SAVE_S:.0f}"
     if env.pop("LADDER_COMPILE", None):  # kernel_keys(actor=True) loads no plugins.compile here
         print("[grpo] model.compile applies to the SFT stage only: GRPO's actor runs eager", file=sys.stderr)
     return env
 
 
 def worker_env_keys(env: dict[str, str]) -> list[str]:
-    """What Ray's workers must see wherever they run: the metrics paths (verl's TaskRunner, which logs, may be on
-    another node) and every VLLM_* setting (VLLM_USE_FLASHINFER_SAMPLER=0 where flashinfer is not installed)."""
-    names = ["VERL_FILE_LOGGER_PATH", "TENSORBOARD_DIR", *sorted(k for k in env if k.startswith("VLLM_"))]
+    """What Ray's workers must see wherever they run: the metrics paths (verl's TaskRunner, which logs and saves,
+    may be on another node), the time-limit save's deadline and every VLLM_* setting (VLLM_USE_FLASHINFER_SAMPLER=0
+    where flashinfer is not installed)."""
+    names = ["VERL_FILE_LOGGER_PATH", "TENSORBOARD_DIR", EXPIRATION_ENV, *sorted(k for k in env if k.startswith("VLLM_"))]
     return [f"+ray_kwargs.ray_init.runtime_env.env_vars.{key}='{env[key]}'" for key in names if key in env]  # quoted: Hydra reads a bare 0 as an int
 
 

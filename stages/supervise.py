@@ -20,6 +20,9 @@ a failure that says what kind it was.
     before the first step: nothing was trained; the error is shown; a rerun as is most likely fails the same way;
     during training / stopped by a signal: rerun the same command to resume from the last checkpoint.
   Each attempt's outcome is appended to out/logs/attempts.jsonl (seconds, exit code, signal, steps).
+- Time limit (`run.time_limit`, set_deadline): once the command's deadline passes, the trainer gets SIGINT as
+  from a person (SIGKILL GRACE_S later if it is still there); the failure's kind is `time_limit` and the advice
+  names the checkpoint to resume from. GRPO asks verl to save before the deadline (grpo.grpo_environment).
 """
 from __future__ import annotations
 
@@ -39,6 +42,16 @@ from stages.config import REPO, write_manifest
 
 TAIL_LINES = 15
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+GRACE_S = 60  # after the deadline's SIGINT, before SIGKILL
+deadline: float | None = None  # Unix time: set_deadline(run.time_limit) at the command's start
+
+
+def set_deadline(seconds) -> None:
+    """The command's deadline, `seconds` from now (None: none); refused unless positive."""
+    global deadline
+    if seconds is not None and float(seconds) <= 0:
+        raise SystemExit(f"ladder: run.time_limit={seconds}: use a positive number of seconds, or leave it unset")
+    deadline = None if seconds is None else time.time() + float(seconds)
 # Hydra / OmegaConf rejecting the composed config (HYDRA_FULL_ERROR=1 makes it a plain traceback in the log)
 CONFIG_ERROR = re.compile(r"\b(?:hydra\.errors|omegaconf\.errors)\.\w+|Could not override '|is not in struct|"
                           r"Error merging override|Could not find '|MissingMandatoryValue")
@@ -58,6 +71,7 @@ class Result:
     steps: list[int] = field(default_factory=list)  # steps verl logged in this attempt
     signal: str | None = None  # the signal that stopped it: forwarded by the launcher, or the one that killed it
     leftovers: list[str] = field(default_factory=list)
+    time_limit: bool = False  # stopped by the launcher at run.time_limit
 
     def tail(self, lines: int = TAIL_LINES) -> list[str]:
         if not self.log.is_file():
@@ -75,7 +89,9 @@ class Result:
             cause = next((e for e in reversed(errors) if "root cause" not in e.lower()), None)
             reason = f"{reason} (the root cause: {cause})" if cause else reason
         key = next((next(g for g in m.groups() if g) for m in CONFIG_KEY.finditer(text)), None)
-        if self.signal:
+        if self.time_limit:
+            kind = "time_limit"
+        elif self.signal:
             kind = "signal"
         elif not self.last_step() and CONFIG_ERROR.search(text):
             kind = "config"
@@ -115,7 +131,10 @@ class Result:
                   f"rerun the same command to start again: no checkpoint was saved yet ({stage}.save_freq sets how "
                   "often one is)")
         reason = f": {d['reason']}" if d["reason"] else ""
-        if d["kind"] == "signal":
+        if d["kind"] == "time_limit":
+            text = (f"stopped at run.time_limit" + (f" after step {self.last_step()}" if self.last_step() else "")
+                    + f"; {resume}")
+        elif d["kind"] == "signal":
             said = f"stopped by {self.signal}" + (f" after step {self.last_step()}" if self.last_step() else "")
             text = f"{said}; {resume}"
         elif d["kind"] == "config":
@@ -171,8 +190,15 @@ def run_trainer(cmd: list[str], env: dict[str, str], out: Path, stage: str, tota
     for sig in FORWARDED:
         with suppress(ValueError):  # handlers can only be set in the main thread
             previous[sig] = signal.signal(sig, forward)
+    def out_of_time():  # the first call: SIGINT; GRACE_S later: SIGKILL
+        if not received:
+            print(f"\n[{stage}] run.time_limit reached: stopping the trainer", file=sys.stderr, flush=True)
+            timed_out.append(True)
+        forward(signal.SIGINT, None)
+
+    timed_out = []
     try:
-        steps = _follow(proc, metrics, stage, total, done)
+        steps = _follow(proc, metrics, stage, total, done, out_of_time)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -185,18 +211,20 @@ def run_trainer(cmd: list[str], env: dict[str, str], out: Path, stage: str, tota
         rc = 128 + received[0]
     if leftovers:
         print(f"[{stage}] stopped {len(leftovers)} process(es) the trainer left behind: {', '.join(leftovers)}")
-    result = Result(rc, log, out, stage, round(time.time() - t0, 1), steps, name, leftovers)
+    result = Result(rc, log, out, stage, round(time.time() - t0, 1), steps, name, leftovers, bool(timed_out))
     with open(out / "logs" / "attempts.jsonl", "a") as f:
         f.write(json.dumps({"log": log.name, "seconds": result.seconds, "exit_code": rc, "signal": name,
                             "steps": [steps[0], steps[-1]] if steps else []}) + "\n")
     return result
 
 
-def _follow(proc: subprocess.Popen, metrics: Path, stage: str, total: int | None, done: int) -> list[int]:
-    """Wait for proc, drawing a progress bar of the steps verl logs to `metrics`; the steps seen."""
+def _follow(proc: subprocess.Popen, metrics: Path, stage: str, total: int | None, done: int,
+            out_of_time=None) -> list[int]:
+    """Wait for proc, drawing a progress bar of the steps verl logs to `metrics`; the steps seen. Past the
+    deadline, out_of_time() is called once, and once more GRACE_S later if proc is still running."""
     from tqdm import tqdm
 
-    steps, offset = [], 0
+    steps, offset, calls = [], 0, 0
     bar = tqdm(total=total, initial=done, desc=f"[{stage}] training", unit="step", file=sys.stderr,
                dynamic_ncols=True, leave=True)
     while True:
@@ -205,6 +233,9 @@ def _follow(proc: subprocess.Popen, metrics: Path, stage: str, total: int | None
             finished = True
         except subprocess.TimeoutExpired:
             finished = False
+        if out_of_time and deadline and not finished and calls < 2 and time.time() >= deadline + calls * GRACE_S:
+            calls += 1
+            out_of_time()
         if metrics.is_file():
             with open(metrics, "rb") as f:
                 f.seek(offset)

@@ -142,6 +142,64 @@ def test_sigterm_to_the_launcher_reaches_the_trainer_and_is_said(out, tmp_path):
         launcher.kill()
 
 
+# a trainer that saved step 4, then trains on; SIGINT (a person's Ctrl-C, or the time limit) ends it as verl's would
+SAVES_THEN_TRAINS = """
+import os, signal, sys, time
+out = sys.argv[1]
+os.makedirs(os.path.join(out, "global_step_4"))
+open(os.path.join(out, "latest_checkpointed_iteration.txt"), "w").write("4")
+def stop(signum, frame):
+    open(os.path.join(out, "got_signal"), "w").write(str(signum))
+    sys.exit(130)
+signal.signal(signal.SIGINT, signal.SIG_IGN if len(sys.argv) > 2 else stop)
+time.sleep(90)
+"""
+
+
+@pytest.mark.parametrize("deaf", [False, True])
+def test_the_time_limit_stops_the_trainer_and_says_where_to_resume(out, tmp_path, monkeypatch, deaf):
+    """run.time_limit: SIGINT at the deadline; a trainer deaf to it gets SIGKILL GRACE_S later."""
+    monkeypatch.setattr(supervise, "GRACE_S", 2)
+    supervise.set_deadline(1)
+    try:
+        t0 = time.time()
+        result = supervise.run_trainer([sys.executable, script(tmp_path, "t.py", SAVES_THEN_TRAINS), str(out),
+                                        *(["deaf"] if deaf else [])], environment(out), out, "grpo")
+    finally:
+        supervise.set_deadline(None)
+    assert time.time() - t0 < 60  # not the trainer's 90 s
+    assert result.time_limit and result.rc == 128 + signal.SIGINT and result.record()["kind"] == "time_limit"
+    assert (out / "got_signal").exists() != deaf
+    assert "stopped at run.time_limit after step 4; rerun the same command to resume from the checkpoint of step 4" in \
+        result.advice()
+    with pytest.raises(SystemExit, match="run.time_limit=0: use a positive number"):
+        supervise.set_deadline(0)
+
+
+def test_grpo_asks_verl_to_save_before_the_time_limit(monkeypatch, tmp_path):
+    """verl's own capacity-expiration check, read with the variable ladder sets: a checkpoint once less than the
+    longest step + DEADLINE_SAVE_S is left before the deadline; the variable reaches Ray's workers too."""
+    from verl.utils.checkpoint.checkpoint_manager import should_save_ckpt_esi
+
+    from stages import grpo
+    from stages.config import load_config
+
+    cfg = load_config("grpo", [])
+    assert grpo.EXPIRATION_ENV not in grpo.grpo_environment(cfg, None)
+    monkeypatch.delenv(grpo.EXPIRATION_ENV, raising=False)
+    supervise.set_deadline(100)
+    try:
+        env = grpo.grpo_environment(cfg, tmp_path / "grpo")
+    finally:
+        supervise.set_deadline(None)
+    assert f"+ray_kwargs.ray_init.runtime_env.env_vars.{grpo.EXPIRATION_ENV}='{env[grpo.EXPIRATION_ENV]}'" in \
+        grpo.worker_env_keys(env)
+    monkeypatch.setenv(grpo.EXPIRATION_ENV, env[grpo.EXPIRATION_ENV])
+    # ~100 s left: a 12 s step (+30 s for the save) fits before the deadline, an 80 s one does not
+    assert not should_save_ckpt_esi(max_steps_duration=12)
+    assert should_save_ckpt_esi(max_steps_duration=80)
+
+
 def test_what_the_trainer_leaves_behind_is_stopped(out, tmp_path):
     """GRPO's driver leaves Ray's local cluster behind when it dies: the launcher stops such processes."""
     daemon = None
