@@ -66,7 +66,6 @@ from stages.config import REPO, read_manifest, stage_dir, verl_overrides, write_
 
 RL_COLUMNS = ("data_source", "prompt", "reward_model")
 EXPIRATION_ENV = "MLP_CURRENT_CAPACITY_BLOCK_EXPIRATION_TIMESTAMP"  # verl.utils.checkpoint.should_save_ckpt_esi
-DEADLINE_SAVE_S = 30  # run.time_limit: what a save is given before the deadline (0.5B with its optimizer: 13 s)
 
 
 # ---- inputs: data, rollout backend, initial policy
@@ -351,8 +350,8 @@ def grpo_environment(cfg, out: Path | None) -> dict[str, str]:
     if supervise.deadline and out is not None:
         # verl's capacity-expiration save: after a step's update, a checkpoint when EXPIRATION - now <= 60 s (its
         # estimate of a save) + the longest step so far. Shifted so that it saves once less than the longest
-        # step + DEADLINE_SAVE_S is left before ladder stops the trainer (run.time_limit)
-        env[EXPIRATION_ENV] = f"{supervise.deadline + 60 - DEADLINE_SAVE_S:.0f}"
+        # step + DEADLINE_SAVE_S is left before the deadline; the launcher then stops it (supervise._follow)
+        env[EXPIRATION_ENV] = f"{supervise.deadline + 60 - supervise.DEADLINE_SAVE_S:.0f}"
     if env.pop("LADDER_COMPILE", None):  # kernel_keys(actor=True) loads no plugins.compile here
         print("[grpo] model.compile applies to the SFT stage only: GRPO's actor runs eager", file=sys.stderr)
     return env

@@ -20,9 +20,10 @@ a failure that says what kind it was.
     before the first step: nothing was trained; the error is shown; a rerun as is most likely fails the same way;
     during training / stopped by a signal: rerun the same command to resume from the last checkpoint.
   Each attempt's outcome is appended to out/logs/attempts.jsonl (seconds, exit code, signal, steps).
-- Time limit (`run.time_limit`, set_deadline): once the command's deadline passes, the trainer gets SIGINT as
-  from a person (SIGKILL GRACE_S later if it is still there); the failure's kind is `time_limit` and the advice
-  names the checkpoint to resume from. GRPO asks verl to save before the deadline (grpo.grpo_environment).
+- Time limit (`run.time_limit`, set_deadline): GRPO asks verl to save a checkpoint once less than its longest
+  step + DEADLINE_SAVE_S is left (grpo.grpo_environment); the first checkpoint that lands then, or else the
+  deadline itself, sends the trainer SIGINT as from a person (SIGKILL GRACE_S later if it is still there). The
+  failure's kind is `time_limit` and the advice names the checkpoint to resume from.
 """
 from __future__ import annotations
 
@@ -43,6 +44,7 @@ from stages.config import REPO, write_manifest
 TAIL_LINES = 15
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 GRACE_S = 60  # after the deadline's SIGINT, before SIGKILL
+DEADLINE_SAVE_S = 30  # run.time_limit: what a save is given before the deadline (0.5B with its optimizer: 13 s)
 deadline: float | None = None  # Unix time: set_deadline(run.time_limit) at the command's start
 
 
@@ -173,32 +175,39 @@ def run_trainer(cmd: list[str], env: dict[str, str], out: Path, stage: str, tota
 
     env["LADDER_LAUNCHER_START"] = start_time(os.getpid()) or ""
     print(f"[{stage}] verl is starting; its output goes to {log}", flush=True)
-    t0, received = time.time(), []
-    subreaper = _set_subreaper(True)
-    before = _children()
-    with open(log, "a") as f:
-        f.write(f"$ {shlex.join(cmd)}\n")
-        f.flush()
-        proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+    t0, received, procs, timed_out = time.time(), [], [], []
 
     def forward(signum, frame):
         received.append(signum)
-        with suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL if received.count(signum) > 1 else signum)
+        if procs:
+            with suppress(ProcessLookupError):
+                os.killpg(procs[0].pid, signal.SIGKILL if received.count(signum) > 1 else signum)
 
+    def out_of_time(said: str):  # the first call: SIGINT; the second: SIGKILL
+        if not received:
+            print(f"\n[{stage}] {said}: stopping the trainer", file=sys.stderr, flush=True)
+            timed_out.append(True)
+        forward(signal.SIGINT, None)
+
+    # set before the trainer starts: exec resets a handled signal to its default, so the trainer takes SIGINT
+    # (KeyboardInterrupt) even when this launcher started with SIGINT ignored, as a non-interactive shell's
+    # background job (`./train.sh … &`) does, and ignoring is inherited
     previous = {}
     for sig in FORWARDED:
         with suppress(ValueError):  # handlers can only be set in the main thread
             previous[sig] = signal.signal(sig, forward)
-    def out_of_time():  # the first call: SIGINT; GRACE_S later: SIGKILL
-        if not received:
-            print(f"\n[{stage}] run.time_limit reached: stopping the trainer", file=sys.stderr, flush=True)
-            timed_out.append(True)
-        forward(signal.SIGINT, None)
-
-    timed_out = []
+    subreaper = _set_subreaper(True)
+    before = _children()
     try:
-        steps = _follow(proc, metrics, stage, total, done, out_of_time)
+        with open(log, "a") as f:
+            f.write(f"$ {shlex.join(cmd)}\n")
+            f.flush()
+            procs.append(subprocess.Popen(cmd, env=env, cwd=REPO, stdout=f, stderr=subprocess.STDOUT,
+                                          start_new_session=True))
+        proc = procs[0]
+        if received:  # it came while the trainer was being started
+            forward(received.pop(), None)
+        steps = _follow(proc, metrics, out, stage, total, done, out_of_time)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -218,13 +227,18 @@ def run_trainer(cmd: list[str], env: dict[str, str], out: Path, stage: str, tota
     return result
 
 
-def _follow(proc: subprocess.Popen, metrics: Path, stage: str, total: int | None, done: int,
+def _follow(proc: subprocess.Popen, metrics: Path, out: Path, stage: str, total: int | None, done: int,
             out_of_time=None) -> list[int]:
-    """Wait for proc, drawing a progress bar of the steps verl logs to `metrics`; the steps seen. Past the
-    deadline, out_of_time() is called once, and once more GRACE_S later if proc is still running."""
+    """Wait for proc, drawing a progress bar of the steps verl logs to `metrics`; the steps seen.
+
+    With a deadline (set_deadline), out_of_time(said) stops the trainer: as soon as a checkpoint lands once less
+    than the longest step (verl's timing_s/step) + DEADLINE_SAVE_S is left (GRPO's verl saves there: nothing after
+    that save would be saved before the deadline), else at the deadline; a second call GRACE_S later."""
     from tqdm import tqdm
 
-    steps, offset, calls = [], 0, 0
+    from stages.launch import latest_step
+
+    steps, offset, longest, mark, stopped = [], 0, 0.0, None, None
     bar = tqdm(total=total, initial=done, desc=f"[{stage}] training", unit="step", file=sys.stderr,
                dynamic_ncols=True, leave=True)
     while True:
@@ -233,9 +247,20 @@ def _follow(proc: subprocess.Popen, metrics: Path, stage: str, total: int | None
             finished = True
         except subprocess.TimeoutExpired:
             finished = False
-        if out_of_time and deadline and not finished and calls < 2 and time.time() >= deadline + calls * GRACE_S:
-            calls += 1
-            out_of_time()
+        if out_of_time and deadline and not finished:
+            now = time.time()
+            if stopped is None:
+                if mark is None and now >= deadline - longest - DEADLINE_SAVE_S:
+                    mark = latest_step(out)  # the checkpoint there was when the last step began to count
+                if mark is not None and latest_step(out) > mark:
+                    stopped = now
+                    out_of_time(f"saved step {latest_step(out)}, the last one before run.time_limit")
+                elif now >= deadline:
+                    stopped = now
+                    out_of_time("run.time_limit reached")
+            elif stopped > 0 and now >= stopped + GRACE_S:
+                stopped = -1.0  # once
+                out_of_time("still running")
         if metrics.is_file():
             with open(metrics, "rb") as f:
                 f.seek(offset)
@@ -248,6 +273,8 @@ def _follow(proc: subprocess.Popen, metrics: Path, stage: str, total: int | None
                     step, data = int(record["step"]), dict(record["data"])
                 except (ValueError, TypeError, KeyError):
                     continue
+                if isinstance(data.get("timing_s/step"), (int, float)):
+                    longest = max(longest, float(data["timing_s/step"]))
                 if step > max(steps, default=done):
                     steps.append(step)
                     loss = data.get("train/loss", data.get("actor/pg_loss"))

@@ -154,12 +154,23 @@ def stop(signum, frame):
 signal.signal(signal.SIGINT, signal.SIG_IGN if len(sys.argv) > 2 else stop)
 time.sleep(90)
 """
+# a step every 0.5 s, each saved (as verl's capacity-expiration save does near the deadline), then logged
+SAVES_EVERY_STEP = """
+import json, os, sys, time
+out, metrics = sys.argv[1], sys.argv[2]
+for step in range(1, 180):
+    time.sleep(0.5)
+    open(os.path.join(out, "latest_checkpointed_iteration.txt"), "w").write(str(step))
+    with open(metrics, "a") as f:
+        f.write(json.dumps({"step": step, "data": {"timing_s/step": 0.5}}) + "\\n")
+"""
 
 
 @pytest.mark.parametrize("deaf", [False, True])
 def test_the_time_limit_stops_the_trainer_and_says_where_to_resume(out, tmp_path, monkeypatch, deaf):
-    """run.time_limit: SIGINT at the deadline; a trainer deaf to it gets SIGKILL GRACE_S later."""
+    """run.time_limit with no save near it: SIGINT at the deadline; a trainer deaf to it gets SIGKILL GRACE_S later."""
     monkeypatch.setattr(supervise, "GRACE_S", 2)
+    monkeypatch.setattr(supervise, "DEADLINE_SAVE_S", 0)
     supervise.set_deadline(1)
     try:
         t0 = time.time()
@@ -174,6 +185,55 @@ def test_the_time_limit_stops_the_trainer_and_says_where_to_resume(out, tmp_path
         result.advice()
     with pytest.raises(SystemExit, match="run.time_limit=0: use a positive number"):
         supervise.set_deadline(0)
+
+
+def test_the_time_limit_stops_the_trainer_right_after_its_last_save(out, tmp_path, monkeypatch, capfd):
+    """Once less than the longest step + DEADLINE_SAVE_S is left, the next checkpoint is the last that fits: the
+    trainer is stopped as soon as it lands, before the deadline, so the rerun resumes from the last step done."""
+    from stages.launch import latest_step
+
+    monkeypatch.setattr(supervise, "DEADLINE_SAVE_S", 2)
+    supervise.set_deadline(8)
+    env = environment(out)
+    try:
+        t0 = time.time()
+        result = supervise.run_trainer([sys.executable, script(tmp_path, "t.py", SAVES_EVERY_STEP), str(out),
+                                        env["VERL_FILE_LOGGER_PATH"]], env, out, "grpo")
+    finally:
+        supervise.set_deadline(None)
+    assert time.time() - t0 < 8  # before the deadline
+    saved = latest_step(out)
+    assert result.time_limit and result.record()["kind"] == "time_limit" and saved >= 5
+    assert f"saved step {saved}, the last one before run.time_limit: stopping the trainer" in capfd.readouterr().err
+    assert f"resume from the checkpoint of step {saved}" in result.advice()
+
+
+def test_a_launcher_started_with_sigint_ignored_still_stops_its_trainer_with_it(out, tmp_path):
+    """A background job of a non-interactive shell (`./train.sh … &`) starts with SIGINT ignored, which its children
+    inherit: the trainer must still take the SIGINT the launcher passes on (the time limit's, or `kill -INT`)."""
+    trainer = script(tmp_path, "trainer.py", """
+import os, sys, time
+open(os.path.join(sys.argv[1], "trainer.pid"), "w").write(str(os.getpid()))
+try:
+    time.sleep(90)
+except KeyboardInterrupt:
+    open(os.path.join(sys.argv[1], "got_signal"), "w").write("2")
+    sys.exit(130)
+""")
+    launcher = subprocess.Popen([sys.executable, "-c", LAUNCHER, str(out), trainer, str(out)], cwd=REPO,
+                                env=environment(out), start_new_session=True, stdout=subprocess.PIPE,
+                                stderr=subprocess.DEVNULL, text=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    pid = None
+    try:
+        pid = wait_for(out / "trainer.pid")
+        os.kill(launcher.pid, signal.SIGINT)
+        said, _ = launcher.communicate(timeout=60)
+        assert (out / "got_signal").exists(), said
+        assert f"\nrc {128 + signal.SIGINT} SIGINT\n" in said, said
+    finally:
+        stop([pid])
+        launcher.kill()
 
 
 def test_grpo_asks_verl_to_save_before_the_time_limit(monkeypatch, tmp_path):
