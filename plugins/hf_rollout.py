@@ -16,12 +16,18 @@ request is one sample: verl's trainer repeats every prompt `rollout.n` times bef
 them, so `n` needs nothing here. Sampling follows vLLM's semantics for the keys verl sends
 (temperature 0 = greedy, top_k -1 = off, top_p), and the returned log-probs are vLLM's `processed_logprobs`: log-softmax of the
 logits after temperature, top-k and top-p, at the sampled token.
+Sampling is seeded per request, so a run repeats its rollouts and a request's sample does not depend on what
+else is in its batch: a request's own generator starts from its `seed` when it sends one (vLLM's per-request
+seed), else from a hash of `rollout.seed`, the replica, the global step, the prompt's token ids and how many
+times this step has already seen that prompt (the n copies of a prompt in a GRPO group differ).
 Departures: no tensor parallelism (grpo.py sets tp=1 for hf), no prefix cache, no multimodal input,
 repetition_penalty is ignored, LoRA weights must arrive merged (`actor_rollout_ref.model.lora.merge`).
 """
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import os
 from dataclasses import dataclass, field
 
@@ -44,13 +50,16 @@ GATHER_MAX_S = 5.0
 class _Request:
     prompt: list[int]
     max_tokens: int
+    generator: torch.Generator
     done: asyncio.Future
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
 
 
-def pick(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Next token and its processed log-prob for each row of `logits` [B, V] (vLLM's sampling rules)."""
+def pick(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
+         generators: list[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next token and its processed log-prob for each row of `logits` [B, V] (vLLM's sampling rules); row i's
+    draw is one uniform from generators[i] (CPU generators), so a row's token depends on nothing else in the batch."""
     scores = logits.float()
     if temperature <= 0:
         token = scores.argmax(-1)
@@ -64,7 +73,11 @@ def pick(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> 
             probs = ordered.softmax(-1)
             drop = probs.cumsum(-1) - probs > top_p  # mass before a token already covers top_p
             scores = scores.scatter(-1, order, ordered.masked_fill(drop, float("-inf")))
-        token = torch.multinomial(scores.softmax(-1), 1).squeeze(-1)
+        # inverse CDF: the first token whose cumulative mass exceeds the row's uniform; float64 keeps the
+        # cumulative sum over a 152k vocabulary exact enough, and a token of zero mass is never picked
+        cdf = scores.double().softmax(-1).cumsum(-1)
+        u = torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in generators]).to(cdf.device)
+        token = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(-1).clamp(max=cdf.shape[-1] - 1)
     logprob = scores.log_softmax(-1).gather(-1, token[:, None]).squeeze(-1)
     return token, logprob
 
@@ -84,6 +97,8 @@ class HFServer:
         self.rollout_mode, self.replica_rank = rollout_mode, replica_rank
         self.device = torch.device(get_device_name() if torch.accelerator.is_available() else "cpu")
         self.global_steps = None
+        self.seen: dict[tuple[int, ...], int] = {}  # requests per prompt at seen_step (the repeat count)
+        self.seen_step = None
         self.pending: dict[tuple, list[_Request]] = {}
         self.last_arrival = 0.0
         self.batches = 0  # decode calls so far (a test counts them)
@@ -127,7 +142,8 @@ class HFServer:
             max_tokens = min(max_tokens, self.config.max_model_len - len(prompt))
         max_tokens = max(1, int(max_tokens))
         key = (float(params.get("temperature", 1.0)), int(params.get("top_k", -1)), float(params.get("top_p", 1.0)))
-        request = _Request(prompt, int(max_tokens), asyncio.get_running_loop().create_future())
+        request = _Request(prompt, int(max_tokens), self._generator(prompt, params.get("seed")),
+                           asyncio.get_running_loop().create_future())
         first = not self.pending
         self.pending.setdefault(key, []).append(request)
         self.last_arrival = asyncio.get_running_loop().time()
@@ -139,6 +155,17 @@ class HFServer:
         return TokenOutput(token_ids=request.tokens,
                            log_probs=request.logprobs if params.get("logprobs") else None,
                            stop_reason="completed", extra_fields={"global_steps": self.global_steps})
+
+    def _generator(self, prompt: list[int], seed) -> torch.Generator:
+        """The request's own sampling generator (see the module docstring)."""
+        if seed is None:
+            if self.seen_step != self.global_steps:  # a new step counts its prompts afresh
+                self.seen, self.seen_step = {}, self.global_steps
+            repeat = self.seen.get(tuple(prompt), 0)
+            self.seen[tuple(prompt)] = repeat + 1
+            key = json.dumps([self.config.seed, self.replica_rank, self.global_steps, prompt, repeat])
+            seed = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little")
+        return torch.Generator().manual_seed(int(seed))
 
     async def _gather(self):
         """Wait for the rest of the batch whose first request just arrived (see GATHER_QUIET_S)."""
@@ -189,7 +216,7 @@ class HFServer:
             out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
                              use_cache=True, logits_to_keep=1)
             cache = out.past_key_values
-            token, logprob = pick(out.logits[:, -1], temperature, top_k, top_p)
+            token, logprob = pick(out.logits[:, -1], temperature, top_k, top_p, [r.generator for r in batch])
             for i, (t, lp) in enumerate(zip(token.tolist(), logprob.tolist())):
                 if alive[i]:
                     batch[i].tokens.append(t)
