@@ -153,7 +153,7 @@ def mixed_prompts(cfg, train: str, init_info: dict, out: Path, dry_run: bool) ->
     return str(picked.resolve()), counts
 
 
-def fit_epochs(cfg, train: str) -> None:
+def fit_epochs(cfg, train: str, dry_run: bool = False) -> None:
     """grpo.total_steps beyond grpo.epochs' worth of batches: verl's loop would end with the data, before its
     last step, so without the last step's save and validation. Raise grpo.epochs to cover the steps asked for
     (verl's train loader drops the last partial batch: rows // batch_size steps an epoch)."""
@@ -165,7 +165,11 @@ def fit_epochs(cfg, train: str) -> None:
         return
     per_epoch = pq.ParquetFile(train).metadata.num_rows // int(cfg.grpo.batch_size)
     if per_epoch < 1:
-        raise SystemExit(f"[grpo] {train} has fewer rows than grpo.batch_size={cfg.grpo.batch_size}: not one step")
+        said = f"[grpo] {train} has fewer rows than grpo.batch_size={cfg.grpo.batch_size}: not one step"
+        if not dry_run:
+            raise SystemExit(said)
+        print(f"{said} (--dry_run goes on; a run stops here)", file=sys.stderr)
+        return
     if cfg.grpo.total_steps is None:
         return
     need = math.ceil(int(cfg.grpo.total_steps) / per_epoch)
@@ -388,7 +392,7 @@ def run(cfg) -> int:
     out = stage_dir(cfg, "grpo")
     train, val = rl_files(cfg, prepare=not dry_run)
     train, prompt_counts = mixed_prompts(cfg, train, init_info, out, dry_run)
-    fit_epochs(cfg, train)
+    fit_epochs(cfg, train, dry_run)
     cmd = [sys.executable, "-m", "verl.trainer.main_ppo", *main_ppo_keys(cfg, out, init, train, val, rollout)]
     launch.check_verl_keys(cfg, "grpo", "verl.trainer.main_ppo", cmd[3:])
     if dry_run:

@@ -101,6 +101,8 @@ def test_total_steps_beyond_the_epochs_data_raise_the_epochs(ei_run, capsys, mon
         assert stages_main([*base, f"grpo.total_steps={steps}"]) == 0
         cmd = next(shlex.split(line) for line in capsys.readouterr().out.splitlines() if "main_ppo" in line)
         assert f"trainer.total_epochs={epochs}" in cmd, (steps, [k for k in cmd if "total_" in k])
-    # fewer rows than one batch: verl would run no step at all
+    # fewer rows than one batch: verl would run no step at all; a run refuses, a dry run says so and goes on
     with pytest.raises(SystemExit, match="fewer rows than grpo.batch_size=16: not one step"):
-        stages_main([*base, "grpo.batch_size=16"])
+        grpo.fit_epochs(load_config("grpo", ["grpo.batch_size=16"]), ei_run["train"])
+    assert stages_main([*base, "grpo.batch_size=16"]) == 0
+    assert "fewer rows than grpo.batch_size=16: not one step (--dry_run goes on" in capsys.readouterr().err
