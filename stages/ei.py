@@ -51,15 +51,13 @@ def filter_samples(problems: pd.DataFrame, gens: list, k: int, keep: str, cap: i
     extra_info.index and how many of its k samples were right, for solve.parquet)."""
     from rewards import compute_score
 
-    rows, solved, correct, per_question = [], 0, 0, []
+    rows, per_question = [], []
     for i, problem in enumerate(problems.itertuples()):
-        seen, ok_any, right = set(), False, 0
+        seen, right = set(), 0
         for g in gens[i * k:(i + 1) * k]:
             score = compute_score(problem.data_source, g.text, problem.reward_model["ground_truth"])
             good = score["acc"] if keep == "strict" else score["lenient_acc"]
-            correct += int(good > 0)
             right += int(good > 0)
-            ok_any |= good > 0
             if good and g.finish_reason == "stop" and g.text not in seen and len(seen) < cap:
                 seen.add(g.text)
                 user = list(problem.prompt)[-1]["content"]
@@ -67,9 +65,9 @@ def filter_samples(problems: pd.DataFrame, gens: list, k: int, keep: str, cap: i
                                           {"role": "assistant", "content": g.text}],
                              "data_source": problem.data_source, "extra_info": dict(problem.extra_info),
                              "tokens": g.tokens})
-        solved += int(ok_any)
         per_question.append({"index": int(dict(problem.extra_info)["index"]), "correct": right, "samples": k})
     n = len(problems)
+    correct, solved = sum(q["correct"] for q in per_question), sum(q["correct"] > 0 for q in per_question)
     stats = {"questions": n, "samples": n * k, "correct_samples": correct, "solve_rate": solved / max(n, 1),
              "kept": len(rows), "mean_kept_tokens": sum(r["tokens"] for r in rows) / max(len(rows), 1),
              "per_question": per_question}

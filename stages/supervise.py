@@ -46,6 +46,13 @@ FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 GRACE_S = 60  # after the deadline's SIGINT, before SIGKILL
 DEADLINE_SAVE_S = 30  # run.time_limit: what a save is given before the deadline (0.5B with its optimizer: 13 s)
 deadline: float | None = None  # Unix time: set_deadline(run.time_limit) at the command's start
+# Hydra / OmegaConf rejecting the composed config (HYDRA_FULL_ERROR=1 makes it a plain traceback in the log)
+CONFIG_ERROR = re.compile(r"\b(?:hydra\.errors|omegaconf\.errors)\.\w+|Could not override '|is not in struct|"
+                          r"Error merging override|Could not find '|MissingMandatoryValue")
+CONFIG_KEY = re.compile(r"full_key: ([\w.\[\]]+)|Could not override '([^']+)'|Error merging override ([\w.]+)")
+# an exception's line, also behind a Ray actor's or vLLM engine's "(EngineCore pid=7) " prefix
+ERROR_LINE = re.compile(r"^\s*(?:\(\w+ pid=\d+(?:, ip=[\w.:]+)?\)\s*)?(?:[\w.]+\.)?"
+                        r"(\w*(?:Error|Exception)|KeyboardInterrupt)(?::\s|$)")
 
 
 def set_deadline(seconds) -> None:
@@ -54,13 +61,6 @@ def set_deadline(seconds) -> None:
     if seconds is not None and float(seconds) <= 0:
         raise SystemExit(f"ladder: run.time_limit={seconds}: use a positive number of seconds, or leave it unset")
     deadline = None if seconds is None else time.time() + float(seconds)
-# Hydra / OmegaConf rejecting the composed config (HYDRA_FULL_ERROR=1 makes it a plain traceback in the log)
-CONFIG_ERROR = re.compile(r"\b(?:hydra\.errors|omegaconf\.errors)\.\w+|Could not override '|is not in struct|"
-                          r"Error merging override|Could not find '|MissingMandatoryValue")
-CONFIG_KEY = re.compile(r"full_key: ([\w.\[\]]+)|Could not override '([^']+)'|Error merging override ([\w.]+)")
-# an exception's line, also behind a Ray actor's or vLLM engine's "(EngineCore pid=7) " prefix
-ERROR_LINE = re.compile(r"^\s*(?:\(\w+ pid=\d+(?:, ip=[\w.:]+)?\)\s*)?(?:[\w.]+\.)?"
-                        r"(\w*(?:Error|Exception)|KeyboardInterrupt)(?::\s|$)")
 
 
 @dataclass
@@ -238,7 +238,7 @@ def _follow(proc: subprocess.Popen, metrics: Path, out: Path, stage: str, total:
 
     from stages.launch import latest_step
 
-    steps, offset, longest, mark, stopped = [], 0, 0.0, None, None
+    steps, offset, longest, mark, sent, stopped = [], 0, 0.0, None, 0, 0.0  # sent: the time limit's signals
     bar = tqdm(total=total, initial=done, desc=f"[{stage}] training", unit="step", file=sys.stderr,
                dynamic_ncols=True, leave=True)
     while True:
@@ -247,19 +247,19 @@ def _follow(proc: subprocess.Popen, metrics: Path, out: Path, stage: str, total:
             finished = True
         except subprocess.TimeoutExpired:
             finished = False
-        if out_of_time and deadline and not finished:
+        if out_of_time and deadline and not finished and sent < 2:
             now = time.time()
-            if stopped is None:
+            if sent == 0:
                 if mark is None and now >= deadline - longest - DEADLINE_SAVE_S:
                     mark = latest_step(out)  # the checkpoint there was when the last step began to count
-                if mark is not None and latest_step(out) > mark:
-                    stopped = now
-                    out_of_time(f"saved step {latest_step(out)}, the last one before run.time_limit")
-                elif now >= deadline:
-                    stopped = now
-                    out_of_time("run.time_limit reached")
-            elif stopped > 0 and now >= stopped + GRACE_S:
-                stopped = -1.0  # once
+                saved = latest_step(out) if mark is not None else 0
+                said = (f"saved step {saved}, the last one before run.time_limit" if mark is not None and saved > mark
+                        else "run.time_limit reached" if now >= deadline else None)
+                if said:
+                    sent, stopped = 1, now
+                    out_of_time(said)
+            elif now >= stopped + GRACE_S:
+                sent = 2
                 out_of_time("still running")
         if metrics.is_file():
             with open(metrics, "rb") as f:
