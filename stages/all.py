@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -83,6 +84,7 @@ def run(cfg) -> int:
             add_seconds(run_dir, stage, time.time() - t0)
             if rc:
                 print(f"[all] {stage} failed ({rc}); rerun the same command to resume at {stage}")
+                report_so_far(run_dir)
                 return rc
         if stage == "sft":  # EI evaluates its rounds, and the closing eval stage is GRPO's
             rc = rung_eval(cfg, run_dir, "sft", str(folder))
@@ -119,6 +121,16 @@ def add_seconds(run_dir: Path, key: str, seconds: float) -> None:
     path.write_text(json.dumps(times, indent=2) + "\n")
 
 
+def report_so_far(run_dir: Path) -> None:
+    """The ladder section of report.md after a stage stopped (a time limit, a failure): the rungs measured so far
+    and GRPO's validation steps so far. A report that cannot be written is said, not raised: the stage's own
+    failure is what the user needs to read."""
+    try:
+        print(f"[all] the ladder so far: {chain_report(run_dir)}")
+    except Exception as err:  # noqa: BLE001 (any problem with the report must not hide the stage's failure)
+        print(f"[all] report.md not updated: {type(err).__name__}: {err}", file=sys.stderr)
+
+
 def rungs(run_dir: Path) -> list[tuple[str, Path]]:
     """(rung, its eval metrics.json) in ladder order, for the rungs that have one."""
     found = [("base", run_dir / "base" / "eval"), ("sft", run_dir / "sft" / "eval")]
@@ -146,16 +158,34 @@ def chain_report(run_dir: Path) -> Path:
         points.append((name, m["accuracy"]))
     curve = [r for r in grpo_report.curve(run_dir / "grpo") if r.get("val_acc") is not None] \
         if (run_dir / "grpo" / "logs").exists() else []
-    figure = plot_ladder(points, curve, run_dir / "report" / "figures" / "ladder.png")
+    finished = any(name == "grpo" for name, _ in found)
+    figure = plot_ladder(points, curve, run_dir / "report" / "figures" / "ladder.png", finished)
     table = report.table(["stage", "strict", "lenient", "format", "truncated", "mean length", "wall s", "n"], rows)
     text = (f"Every rung greedy on the same test set (eval stage; `<rung>/eval/metrics.json`).\n\n{table}\n\n"
             "`wall s`: the stage's training plus its evaluation, over every attempt (`chain.json`). The plot adds "
             "GRPO's validation accuracy (verl's greedy validation on the same test set) at each validation step.")
+    if curve and not finished:
+        text += "\n\n" + grpo_so_far(run_dir / "grpo", curve)
     return report.add_section(run_dir, "chain", "The ladder", text, [figure] if figure else [], order=5)
 
 
-def plot_ladder(points: list[tuple[str, float]], curve: list[dict], path: Path) -> Path | None:
-    """Strict accuracy per rung, with GRPO's validation steps between EI and GRPO's final export."""
+def grpo_so_far(out: Path, curve: list[dict]) -> str:
+    """One line for a GRPO stage that has validation steps but no final eval yet: its state from the manifest and
+    verl's validation accuracy by step."""
+    m = json.loads((out / "manifest.json").read_text()) if (out / "manifest.json").exists() else {}
+    failure = m.get("failure") or {}
+    state = ", ".join(str(x) for x in (m.get("status", "running"), failure.get("kind")) if x)
+    if failure.get("last_checkpoint_step"):
+        state += f"; last checkpoint step {failure['last_checkpoint_step']}"
+    steps = ", ".join(f"{r['val_acc']:.4f} at step {r['step']}" for r in curve)
+    return (f"GRPO has not finished ({state}): verl's validation on the test set so far: {steps}. The same command "
+            "resumes it from its last checkpoint.")
+
+
+def plot_ladder(points: list[tuple[str, float]], curve: list[dict], path: Path, finished: bool = True
+                ) -> Path | None:
+    """Strict accuracy per rung, with GRPO's validation steps between EI and GRPO's final export; while GRPO has no
+    final eval (`finished` false), its steps so far after the last rung."""
     if not points:
         return None
     import matplotlib
@@ -165,14 +195,17 @@ def plot_ladder(points: list[tuple[str, float]], curve: list[dict], path: Path) 
 
     path.parent.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(6.5, 3.6), dpi=110)
-    xs = list(range(len(points)))
+    xs, names = list(range(len(points))), [n for n, _ in points]
     ax.plot(xs, [a for _, a in points], marker="o", label="eval stage (test set)")
-    if curve and len(points) >= 2:
+    if curve and (len(points) >= 2 or not finished):
         last = max(r["step"] for r in curve) or 1
-        # GRPO's steps spread between the rung before it and its own final point
-        ax.plot([xs[-2] + r["step"] / last for r in curve], [r["val_acc"] for r in curve], marker=".",
+        # GRPO's steps spread between the rung before it and its own final point (or, unfinished, after the last)
+        start = xs[-2] if finished else xs[-1]
+        ax.plot([start + r["step"] / last for r in curve], [r["val_acc"] for r in curve], marker=".",
                 linestyle="--", label="GRPO validation by step")
-    ax.set_xticks(xs, [n for n, _ in points])
+        if not finished:
+            xs, names = xs + [xs[-1] + 1], names + [f"grpo step {last}"]
+    ax.set_xticks(xs, names)
     ax.set(ylabel="strict accuracy", title="accuracy up the ladder")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)

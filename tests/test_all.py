@@ -217,3 +217,45 @@ def test_the_ladder_table_leaves_a_rungs_wall_time_blank_when_the_chain_did_not_
     text = chain_all.chain_report(tmp_path).read_text()
     assert "| base | 0.2000 | 0.2000 | 0.9000 | 0.0000 | 9.0000 |  | 4 |" in text
     assert "| sft | 0.2000 | 0.2000 | 0.9000 | 0.0000 | 9.0000 | 120 | 4 |" in text
+
+
+def test_a_stopped_grpo_leaves_the_ladder_so_far_in_the_report(gsm8k_dir, tmp_path, monkeypatch, capsys):
+    """GRPO stopped by run.time_limit (a lease's end): the chain fails with it, and report.md still shows the rungs
+    measured so far and GRPO's validation steps so far, with how it stopped (the seventh and eighth sessions' GPU
+    chains ended so, and their report had no GRPO at all)."""
+    from stages import all as chain_all
+    from stages import registry
+
+    metrics = {"lenient_accuracy": 0.3, "format_accuracy": 0.9, "trunc_rate": 0.0, "avg_gen_len": 9.0, "n": 4}
+    run = tmp_path / "u"
+
+    def rung_eval(cfg, run_dir, rung, model):
+        (run_dir / rung / "eval").mkdir(parents=True, exist_ok=True)
+        (run_dir / rung / "eval" / "metrics.json").write_text(json.dumps({**metrics, "accuracy": 0.2}))
+        return 0
+
+    def stage(cfg, name):
+        folder = run / name
+        (folder / "logs").mkdir(parents=True, exist_ok=True)
+        if name == "ei":
+            (folder / "round_1" / "eval").mkdir(parents=True)
+            (folder / "round_1" / "eval" / "metrics.json").write_text(json.dumps({**metrics, "accuracy": 0.34}))
+        if name != "grpo":
+            (folder / "manifest.json").write_text(json.dumps({"stage": name, "status": "done"}))
+            return 0
+        steps = [{"step": s, "data": {"critic/score/mean": 0.5, **({"val-core/gsm8k/acc/mean@1": 0.347} if s == 10
+                                                                     else {})}} for s in range(1, 16)]
+        (folder / "logs" / "metrics.0.jsonl").write_text("".join(json.dumps(r) + "\n" for r in steps))
+        (folder / "manifest.json").write_text(json.dumps(
+            {"stage": "grpo", "status": "failed", "failure": {"kind": "time_limit", "last_checkpoint_step": 15}}))
+        return 1
+
+    monkeypatch.setattr(registry, "run", stage)
+    monkeypatch.setattr(chain_all, "rung_eval", rung_eval)
+    assert stages_main(["--stage", "all", "--train_size", "8", "run.name=u", f"run.output_dir={tmp_path}"]) == 1
+    assert f"the ladder so far: {run / 'report.md'}" in capsys.readouterr().out
+    text = (run / "report.md").read_text()
+    assert "| ei round 1 | 0.3400 |" in text
+    assert ("GRPO has not finished (failed, time_limit; last checkpoint step 15): verl's validation on the test set so "
+            "far: 0.3470 at step 10.") in text
+    assert (run / "report" / "figures" / "ladder.png").stat().st_size > 0
