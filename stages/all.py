@@ -30,7 +30,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from stages import chain, registry, report
+from stages import chain, generate, registry, report
 from stages.config import stage_dir
 
 
@@ -80,9 +80,12 @@ def run(cfg) -> int:
                 stage_cfg.model.init = str(run_dir / previous)
             print(f"[all] {stage}: from {stage_cfg.model.init or stage_cfg.model.path}", flush=True)
             t0 = time.time()
+            if stage != "eval":  # the eval (or EI's sampling) after this training finds vLLM imported
+                generate.prestart_before_training(stage_cfg)
             rc = registry.run(stage_cfg, stage)
             add_seconds(run_dir, stage, time.time() - t0)
             if rc:
+                generate.release()
                 print(f"[all] {stage} failed ({rc}); rerun the same command to resume at {stage}")
                 report_so_far(run_dir)
                 return rc

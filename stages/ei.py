@@ -157,8 +157,10 @@ def run(cfg) -> int:
         print(f"[ei] round {r}: fine-tuning {round_cfg.model.path} on {len(kept)} samples"
               + (f" and the references ({train})" if cfg.ei.references else f" ({train})"), flush=True)
         round_cfg.eval.dataset = files["rl_test"]
+        generate.prestart_before_training(round_cfg)  # the round's eval finds vLLM imported
         metrics = chain.train_then_evaluate(round_cfg)
         if isinstance(metrics, int):
+            generate.release()  # the child the round's eval did not take (its training failed)
             return metrics
         policy = json.loads((rdir / "sft" / "manifest.json").read_text())["hf_model"]
         record = {"round": r, **stats, "policy": policy, "seconds": round(time.time() - t0, 1),

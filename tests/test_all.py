@@ -259,3 +259,47 @@ def test_a_stopped_grpo_leaves_the_ladder_so_far_in_the_report(gsm8k_dir, tmp_pa
     assert ("GRPO has not finished (failed, time_limit; last checkpoint step 15): verl's validation on the test set so "
             "far: 0.3470 at step 10.") in text
     assert (run / "report" / "figures" / "ladder.png").stat().st_size > 0
+
+
+def test_the_chain_starts_the_next_vllm_child_before_each_training_stage(gsm8k_dir, tmp_path, monkeypatch):
+    """With vLLM, SFT, EI and GRPO each run with the vLLM child of the generation after them already started (its
+    import overlaps the training: 18-24 s an eval on the H200 host); the closing eval stage starts its own; a stage
+    that fails stops the child it left."""
+    from stages import all as chain_all
+    from stages import generate, registry
+
+    started, closed, seen = [], [], []
+
+    class Child:  # generate.VllmChild's stand-in
+        def __init__(self):
+            started.append(self)
+
+        def close(self):
+            closed.append(self)
+
+    def stage(cfg, name, fail=""):
+        seen.append((name, generate._early))
+        if name != "eval":  # (the eval stage starts a child of its own: evaluate.run)
+            generate.take()  # what the generation after the training does (the rung's eval, EI's sampling)
+        if name == fail:
+            return 1
+        folder = tmp_path / "u" / name
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "manifest.json").write_text(json.dumps({"stage": name, "status": "done"}))
+        return 0
+
+    monkeypatch.setattr(generate, "_early", None)  # no child left by another test
+    monkeypatch.setattr(generate, "VllmChild", Child)
+    monkeypatch.setattr(generate, "likely_vllm", lambda cfg: True)
+    monkeypatch.setattr(registry, "run", stage)
+    monkeypatch.setattr(chain_all, "rung_eval", lambda cfg, run_dir, rung, model: 0)
+    args = ["--stage", "all", "--train_size", "8", "run.name=u", f"run.output_dir={tmp_path}"]
+    assert stages_main(args) == 0
+    assert [name for name, _ in seen] == ["sft", "ei", "grpo", "eval"]
+    assert [child for _, child in seen] == [*started, None] and len(started) == 3
+    for name in ("grpo", "eval"):
+        (tmp_path / "u" / name / "manifest.json").unlink()
+    monkeypatch.setattr(registry, "run", lambda cfg, name: stage(cfg, name, fail="grpo") if name == "grpo" else 0)
+    monkeypatch.setattr(generate, "take", lambda: None)  # GRPO fails before anything takes its child
+    assert stages_main(args) == 1
+    assert closed == [started[-1]] and len(started) == 4 and generate._early is None

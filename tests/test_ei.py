@@ -159,3 +159,43 @@ def test_init_each_round_model_refuses_a_model_path_other_than_the_inits_base(ti
 
     ok = load_config("ei", [f"model.init={sft}", "model.path=Org/The-Base-1B", "ei.init_each_round=model"])
     ei.check_pretrained(ok)  # the base it was trained from: accepted
+
+
+def test_a_rounds_vllm_eval_child_imports_during_the_rounds_training(tiny_model, tmp_path, monkeypatch, golds):
+    """With vLLM the round's eval child is started before the round's fine-tuning, so that vLLM's import (18-24 s on
+    the H200 host) overlaps the training, not the eval; a round whose training fails stops that child."""
+    import json
+
+    from stages import chain, generate
+
+    started, closed, seen = [], [], []
+
+    class Child:  # generate.VllmChild's stand-in: records its start and its close
+        def __init__(self):
+            started.append(self)
+
+        def close(self):
+            closed.append(self)
+
+    def fake_train(round_cfg, rc=0):
+        seen.append(generate._early)
+        if rc:
+            return rc
+        sft = tmp_path / "r" / "ei" / "round_1" / "sft"
+        sft.mkdir(parents=True)
+        (sft / "manifest.json").write_text(json.dumps({"hf_model": "round-1-model"}))
+        return {"accuracy": 0.5, "format_accuracy": 1.0, "trunc_rate": 0.0, "avg_gen_len": 9.0}
+
+    monkeypatch.setattr(generate, "_early", None)  # no child left by another test
+    monkeypatch.setattr(generate, "VllmChild", Child)
+    monkeypatch.setattr(generate, "likely_vllm", lambda cfg: True)
+    monkeypatch.setattr(ei, "sample", planted([]))
+    monkeypatch.setattr(chain, "train_then_evaluate", fake_train)
+    args = ARGS + ["--init", str(tiny_model), f"run.output_dir={tmp_path}"]
+    assert main(args) == 0
+    assert seen == started and len(started) == 1 and not closed  # started before the training, left for the eval
+    generate.release()
+    monkeypatch.setattr(chain, "train_then_evaluate", lambda round_cfg: fake_train(round_cfg, rc=3))
+    seen.clear()
+    assert main(args + ["run.name=failing"]) == 3
+    assert seen == [started[-1]] and closed == [started[0], started[-1]] and generate._early is None
