@@ -80,7 +80,9 @@ def run(cfg) -> int:
                 stage_cfg.model.init = str(run_dir / previous)
             print(f"[all] {stage}: from {stage_cfg.model.init or stage_cfg.model.path}", flush=True)
             t0 = time.time()
-            if stage != "eval":  # the eval (or EI's sampling) after this training finds vLLM imported
+            if stage in ("sft", "ei") or (stage == "grpo" and until != "grpo"):
+                # the generation after this training (the rung's eval, EI's sampling, the closing eval stage) then
+                # finds vLLM imported
                 generate.prestart_before_training(stage_cfg)
             rc = registry.run(stage_cfg, stage)
             add_seconds(run_dir, stage, time.time() - t0)

@@ -297,9 +297,13 @@ def test_the_chain_starts_the_next_vllm_child_before_each_training_stage(gsm8k_d
     assert stages_main(args) == 0
     assert [name for name, _ in seen] == ["sft", "ei", "grpo", "eval"]
     assert [child for _, child in seen] == [*started, None] and len(started) == 3
+    (tmp_path / "u" / "grpo" / "manifest.json").unlink()
+    seen.clear()
+    assert stages_main([*args, "--until", "grpo"]) == 0  # no eval after GRPO in this run: no child for it
+    assert seen == [("grpo", None)] and len(started) == 4  # (GRPO's stand-in took one of its own)
     for name in ("grpo", "eval"):
         (tmp_path / "u" / name / "manifest.json").unlink()
     monkeypatch.setattr(registry, "run", lambda cfg, name: stage(cfg, name, fail="grpo") if name == "grpo" else 0)
     monkeypatch.setattr(generate, "take", lambda: None)  # GRPO fails before anything takes its child
     assert stages_main(args) == 1
-    assert closed == [started[-1]] and len(started) == 4 and generate._early is None
+    assert closed == [started[-1]] and len(started) == 5 and generate._early is None
