@@ -31,7 +31,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from stages import chain, generate, registry, report
-from stages.config import stage_dir
+from stages.config import read_manifest, stage_dir
 
 
 def plan(cfg) -> list[str]:
@@ -138,9 +138,10 @@ def report_so_far(run_dir: Path) -> None:
 
 def rungs(run_dir: Path) -> list[tuple[str, Path]]:
     """(rung, its eval metrics.json) in ladder order, for the rungs that have one."""
+    from stages.ei import round_dirs
+
     found = [("base", run_dir / "base" / "eval"), ("sft", run_dir / "sft" / "eval")]
-    rounds = sorted((run_dir / "ei").glob("round_*"), key=lambda p: int(p.name.split("_")[1]))
-    found += [(f"ei {r.name.replace('_', ' ')}", r / "eval") for r in rounds]
+    found += [(f"ei {r.name.replace('_', ' ')}", r / "eval") for r in round_dirs(run_dir / "ei")]
     found.append(("grpo", run_dir / "eval"))
     return [(name, folder / "metrics.json") for name, folder in found if (folder / "metrics.json").exists()]
 
@@ -177,7 +178,7 @@ def chain_report(run_dir: Path) -> Path:
 def grpo_so_far(out: Path, curve: list[dict]) -> str:
     """One line for a GRPO stage that has validation steps but no final eval yet: its state from the manifest and
     verl's validation accuracy by step."""
-    m = json.loads((out / "manifest.json").read_text()) if (out / "manifest.json").exists() else {}
+    m = read_manifest(out) if (out / "manifest.json").exists() else {}
     failure = m.get("failure") or {}
     state = ", ".join(str(x) for x in (m.get("status", "running"), failure.get("kind")) if x)
     if failure.get("last_checkpoint_step"):

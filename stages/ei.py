@@ -83,8 +83,13 @@ def questions(problems: pd.DataFrame, count, seed: int) -> pd.DataFrame:
     return problems.sample(n=int(count), random_state=seed).sort_index().reset_index(drop=True)
 
 
-STARTS = ("previous", "base", "model")
+STARTS = ("previous", "base", "model")  # ei.init_each_round
 SOLVE_FILE = "solve.parquet"  # round_N/: index (the training row's extra_info.index), correct, samples
+
+
+def round_dirs(ei_dir: Path) -> list[Path]:
+    """An EI stage's round_N folders, in round order."""
+    return sorted(Path(ei_dir).glob("round_*"), key=lambda p: int(p.name.split("_")[1]))
 
 
 def check_pretrained(cfg) -> None:

@@ -110,7 +110,7 @@ def mixed_prompts(cfg, train: str, init_info: dict, out: Path, dry_run: bool) ->
     each step were such. Writes out/train_mixed.parquet and returns it with the counts; all: the file as is."""
     import pandas as pd
 
-    from stages.ei import SOLVE_FILE
+    from stages.ei import SOLVE_FILE, round_dirs
 
     choice = str(cfg.grpo.prompts)
     if choice not in PROMPTS:
@@ -122,7 +122,7 @@ def mixed_prompts(cfg, train: str, init_info: dict, out: Path, dry_run: bool) ->
         raise SystemExit(f"[grpo] grpo.prompts=mixed keeps the questions expert iteration's last round solved "
                          f"sometimes: --init must be an EI stage (outputs/<run>/ei), not {init_info['init']} "
                          f"(stage {init_info.get('init_stage')}); or grpo.prompts=all")
-    rounds = sorted(where.glob(f"round_*/{SOLVE_FILE}"), key=lambda f: int(f.parent.name.split("_")[1]))
+    rounds = [d / SOLVE_FILE for d in round_dirs(where) if (d / SOLVE_FILE).is_file()]
     if not rounds:
         raise SystemExit(f"[grpo] grpo.prompts=mixed: no round_*/{SOLVE_FILE} in {where} (an EI run older than "
                          "this key writes none): rerun the EI round, or grpo.prompts=all")
