@@ -21,8 +21,9 @@ a failure that says what kind it was.
     during training / stopped by a signal: rerun the same command to resume from the last checkpoint.
   Each attempt's outcome is appended to out/logs/attempts.jsonl (seconds, exit code, signal, steps).
 - Time limit (`run.time_limit`, set_deadline): GRPO asks verl to save a checkpoint once less than its longest
-  step + DEADLINE_SAVE_S is left (grpo.grpo_environment); the first checkpoint that lands then, or else the
-  deadline itself, sends the trainer SIGINT as from a person (SIGKILL GRACE_S later if it is still there). The
+  step + DEADLINE_SAVE_S is left (grpo.grpo_environment); once the first checkpoint that lands then has its
+  step's metrics line (verl validates and logs a step after saving it), or else at the deadline itself, the
+  trainer gets SIGINT as from a person (SIGKILL GRACE_S later if it is still there). The
   failure's kind is `time_limit` and the advice names the checkpoint to resume from.
 """
 from __future__ import annotations
@@ -231,14 +232,15 @@ def _follow(proc: subprocess.Popen, metrics: Path, out: Path, stage: str, total:
             out_of_time=None) -> list[int]:
     """Wait for proc, drawing a progress bar of the steps verl logs to `metrics`; the steps seen.
 
-    With a deadline (set_deadline), out_of_time(said) stops the trainer: as soon as a checkpoint lands once less
-    than the longest step (verl's timing_s/step) + DEADLINE_SAVE_S is left (GRPO's verl saves there: nothing after
-    that save would be saved before the deadline), else at the deadline; a second call GRACE_S later."""
+    With a deadline (set_deadline), out_of_time(said) stops the trainer: once a checkpoint has landed after less
+    than the longest step (verl's timing_s/step) + DEADLINE_SAVE_S was left (GRPO's verl saves there: nothing after
+    that save would be saved before the deadline) and verl has logged that step's metrics (its validation, rollout
+    dump and metrics come after the save), else at the deadline; a second call GRACE_S later."""
     from tqdm import tqdm
 
     from stages.launch import latest_step
 
-    steps, offset, longest, mark, sent, stopped = [], 0, 0.0, None, 0, 0.0  # sent: the time limit's signals
+    steps, offset, longest, mark, last, sent, stopped = [], 0, 0.0, None, None, 0, 0.0  # sent: the time limit's signals
     bar = tqdm(total=total, initial=done, desc=f"[{stage}] training", unit="step", file=sys.stderr,
                dynamic_ncols=True, leave=True)
     while True:
@@ -252,8 +254,11 @@ def _follow(proc: subprocess.Popen, metrics: Path, out: Path, stage: str, total:
             if sent == 0:
                 if mark is None and now >= deadline - longest - DEADLINE_SAVE_S:
                     mark = latest_step(out)  # the checkpoint there was when the last step began to count
-                saved = latest_step(out) if mark is not None else 0
-                said = (f"saved step {saved}, the last one before run.time_limit" if mark is not None and saved > mark
+                if mark is not None and last is None and latest_step(out) > mark:
+                    last = latest_step(out)  # the first checkpoint since: the last that fits before the deadline
+                # verl logs a step's metrics (and its validation, on a test step) after its save: wait for that line
+                said = (f"saved step {last}, the last one before run.time_limit"
+                        if last is not None and max(steps, default=done) >= last
                         else "run.time_limit reached" if now >= deadline else None)
                 if said:
                     sent, stopped = 1, now

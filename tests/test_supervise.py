@@ -154,15 +154,17 @@ def stop(signum, frame):
 signal.signal(signal.SIGINT, signal.SIG_IGN if len(sys.argv) > 2 else stop)
 time.sleep(90)
 """
-# a step every 0.5 s, each saved (as verl's capacity-expiration save does near the deadline), then logged
+# a step every 2 s, each saved (as verl's capacity-expiration save does near the deadline), then validated
+# (0.5 s) and logged, in verl's order
 SAVES_EVERY_STEP = """
 import json, os, sys, time
 out, metrics = sys.argv[1], sys.argv[2]
 for step in range(1, 180):
-    time.sleep(0.5)
+    time.sleep(1.5)
     open(os.path.join(out, "latest_checkpointed_iteration.txt"), "w").write(str(step))
+    time.sleep(0.5)
     with open(metrics, "a") as f:
-        f.write(json.dumps({"step": step, "data": {"timing_s/step": 0.5}}) + "\\n")
+        f.write(json.dumps({"step": step, "data": {"timing_s/step": 2.0, "val-core/acc": 0.5}}) + "\\n")
 """
 
 
@@ -189,11 +191,12 @@ def test_the_time_limit_stops_the_trainer_and_says_where_to_resume(out, tmp_path
 
 def test_the_time_limit_stops_the_trainer_right_after_its_last_save(out, tmp_path, monkeypatch, capfd):
     """Once less than the longest step + DEADLINE_SAVE_S is left, the next checkpoint is the last that fits: the
-    trainer is stopped as soon as it lands, before the deadline, so the rerun resumes from the last step done."""
+    trainer is stopped once that step's metrics line (its validation) is logged, before the deadline, so the rerun
+    resumes from the last step done and no step's validation is lost."""
     from stages.launch import latest_step
 
-    monkeypatch.setattr(supervise, "DEADLINE_SAVE_S", 2)
-    supervise.set_deadline(8)
+    monkeypatch.setattr(supervise, "DEADLINE_SAVE_S", 3)
+    supervise.set_deadline(10)
     env = environment(out)
     try:
         t0 = time.time()
@@ -201,9 +204,12 @@ def test_the_time_limit_stops_the_trainer_right_after_its_last_save(out, tmp_pat
                                         env["VERL_FILE_LOGGER_PATH"]], env, out, "grpo")
     finally:
         supervise.set_deadline(None)
-    assert time.time() - t0 < 8  # before the deadline
+    assert time.time() - t0 < 10  # before the deadline
     saved = latest_step(out)
-    assert result.time_limit and result.record()["kind"] == "time_limit" and saved >= 5
+    assert result.time_limit and result.record()["kind"] == "time_limit" and saved >= 3
+    logged = [json.loads(line)["step"] for line in Path(env["VERL_FILE_LOGGER_PATH"]).read_text().splitlines()]
+    assert logged[-1] == saved  # the saved step's validation and metrics, not cut off by the stop
+    assert json.loads((out / "logs" / "attempts.jsonl").read_text())["steps"] == [1, saved]
     assert f"saved step {saved}, the last one before run.time_limit: stopping the trainer" in capfd.readouterr().err
     assert f"resume from the checkpoint of step {saved}" in result.advice()
 
