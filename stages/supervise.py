@@ -254,8 +254,8 @@ def _follow(proc: subprocess.Popen, metrics: Path, out: Path, stage: str, total:
             if sent == 0:
                 if mark is None and now >= deadline - longest - DEADLINE_SAVE_S:
                     mark = latest_step(out)  # the checkpoint there was when the last step began to count
-                if mark is not None and last is None and latest_step(out) > mark:
-                    last = latest_step(out)  # the first checkpoint since: the last that fits before the deadline
+                if mark is not None and last is None and (saved := latest_step(out)) > mark:
+                    last = saved  # the first checkpoint since: the last that fits before the deadline
                 # verl logs a step's metrics (and its validation, on a test step) after its save: wait for that line
                 said = (f"saved step {last}, the last one before run.time_limit"
                         if last is not None and max(steps, default=done) >= last
