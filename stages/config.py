@@ -50,7 +50,8 @@ def load_config(stage: str | None, overrides: list[str], config_path: Path = CON
         # a verl key (bare, or spelled out as sft.verl.… in a recipe) that config.yaml does not list yet must be
         # added, not overridden
         key = item.split("=", 1)[0]
-        if key[0] not in "+~" and ".verl." in key and OmegaConf.select(_raw(config_path), key) is None:
+        if (key[0] not in "+~" and (".verl." in key or key.startswith(tuple(k + "." for k in OPEN_KEYS)))
+                and OmegaConf.select(_raw(config_path), key) is None):
             item = "+" + item
         routed.append(item)
     with initialize_config_dir(config_dir=str(config_path.parent), version_base=None):
@@ -78,6 +79,9 @@ def _raw(path: Path) -> DictConfig:
         _RAW[path] = OmegaConf.load(path)
     return _RAW[path]
 
+
+# ladder keys whose value is a free-form dict handed to a library: `eval.engine_kwargs.max_num_seqs=2048` adds the key
+OPEN_KEYS = ("eval.engine_kwargs",)
 
 # verl keys whose value is a free-form dict (empty in verl's schema): their items go as `++key.a=b`
 FREE_FORM = ("override_config", "apply_chat_template_kwargs", "engine_kwargs", "override_optimizer_config")

@@ -273,18 +273,22 @@ def run(cfg) -> int:
     init = str(cfg.model.init or cfg.model.path)
     out = output_folder(cfg, init)
     if cfg.run.dry_run:
-        print(json.dumps({"init": init, "output_dir": str(out), "eval": dict(cfg.eval)}, indent=2, default=str))
+        print(json.dumps({"init": init, "output_dir": str(out), "eval": dict(cfg.eval),
+                          # vllm: each engine's CUDA_VISIBLE_DEVICES (null: all of this process's)
+                          "vllm_engines": generate.placements(cfg)}, indent=2, default=str))
         return 0
     # ---- everything that can be wrong is found before the first token is generated
     sampling(cfg)
     generate.cuda_graphs(cfg)
+    generate.engine_kwargs(cfg)
+    generate.engines(cfg)
     # vLLM's import (15-23 s) runs while this process imports torch and makes the data and the tokenizer ready
     if generate.likely_vllm(cfg):
-        generate.prestart()
+        generate.prestart(cfg)
     try:
         engine = generate.backend(cfg)
         if engine == "vllm":
-            generate.prestart()  # the cue missed it (auto, and no driver file seen): start it now
+            generate.prestart(cfg)  # the cue missed it (auto, and no driver file seen): start it now
         else:
             generate.release()  # the cue was wrong (auto: torch sees no GPU)
         return run_on(cfg, init, out, engine)

@@ -271,7 +271,7 @@ def test_the_chain_starts_the_next_vllm_child_before_each_training_stage(gsm8k_d
     started, closed, seen = [], [], []
 
     class Child:  # generate.VllmChild's stand-in
-        def __init__(self):
+        def __init__(self, *devices):
             started.append(self)
 
         def close(self):
@@ -304,6 +304,6 @@ def test_the_chain_starts_the_next_vllm_child_before_each_training_stage(gsm8k_d
     for name in ("grpo", "eval"):
         (tmp_path / "u" / name / "manifest.json").unlink()
     monkeypatch.setattr(registry, "run", lambda cfg, name: stage(cfg, name, fail="grpo") if name == "grpo" else 0)
-    monkeypatch.setattr(generate, "take", lambda: None)  # GRPO fails before anything takes its child
+    monkeypatch.setattr(generate, "take", lambda cfg=None: None)  # GRPO fails before anything takes its child
     assert stages_main(args) == 1
     assert closed == [started[-1]] and len(started) == 5 and generate._early is None

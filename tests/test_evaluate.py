@@ -3,6 +3,7 @@ fail-fast checks, vLLM's parameters against a fake `vllm` module, checkpoint cur
 import json
 import os
 import shutil
+import signal
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -236,15 +237,24 @@ class SamplingParams:
 
 class LLM:
     def __init__(self, **kw):
+        from vllm.engine.arg_utils import EngineArgs
         from vllm.model_executor.models import registry  # as vLLM's config does on a model's first use
+
+        EngineArgs(**kw)  # a keyword vLLM does not know is a TypeError, as in vLLM
 
         self.kw = kw
         json.dump({"inspected_in": registry._run_in_subprocess(os.getpid), "llm_in": os.getpid()},
                   open(os.path.join(folder, "inspected.json"), "w"))
 
     def generate(self, prompts, params, use_tqdm=True):
-        script = iter(enumerate(json.load(open(os.path.join(folder, "script.json")))))
-        json.dump({"llm": self.kw, "params": params.kw, "prompts": prompts}, open(os.path.join(folder, "seen.json"), "w"))
+        script = json.load(open(os.path.join(folder, "script.json")))
+        seen = {"llm": self.kw, "params": params.kw, "prompts": prompts, "cuda": os.environ.get("CUDA_VISIBLE_DEVICES")}
+        json.dump(seen, open(os.path.join(folder, "seen.json"), "w"))
+        json.dump(seen, open(os.path.join(folder, f"seen.{os.getpid()}.json"), "w"))  # one per engine process
+        if script == "echo":  # each answer names its prompt's ids: "echo 5 6 7"
+            return [types.SimpleNamespace(outputs=[echo(p["prompt_token_ids"], params.kw.get("detokenize", True))
+                                                   for _ in range(params.kw.get("n", 1))]) for p in prompts]
+        script = iter(enumerate(script))
         outs = []
         for _ in prompts:
             samples = [next(script) for _ in range(params.kw.get("n", 1))]
@@ -259,10 +269,21 @@ class LLM:
     def get_tokenizer(self):
         return Tokenizer()
 
+def echo(ids, detokenize):
+    if 666 in ids:
+        raise RuntimeError("the fake cannot generate this prompt")
+    if 777 in ids:  # a long generation: 60 s, unless the engine is stopped first
+        import time
+        time.sleep(60)
+    return types.SimpleNamespace(text="echo " + " ".join(map(str, ids)) if detokenize else "", token_ids=list(ids),
+                                 finish_reason="stop")
+
 class Tokenizer:  # decodes the fake's ids: the first id is the scripted sample's number + 1
     def batch_decode(self, ids, skip_special_tokens=False):
         assert skip_special_tokens  # as vLLM's own detokenizing does by default
         script = json.load(open(os.path.join(folder, "script.json")))
+        if script == "echo":
+            return ["echo " + " ".join(map(str, row)) for row in ids]
         return [script[row[0] - 1][0] if row else "" for row in ids]
 """
 
@@ -273,17 +294,38 @@ def _run_in_subprocess(fn):
 """
 
 
-def fake_vllm(monkeypatch, tmp_path, completions: list[Generation]):
-    """A `vllm` package on PYTHONPATH (the child process imports it) that answers `completions` in order;
-    returns a function reading what ladder passed it."""
+FAKE_ARG_UTILS = """
+from dataclasses import dataclass
+
+@dataclass
+class EngineArgs:  # a few of vLLM's: what ladder sends, and two it may be given through eval.engine_kwargs
+    model: str = ""
+    max_model_len: int | None = None
+    dtype: str = "auto"
+    gpu_memory_utilization: float = 0.9
+    seed: int = 0
+    tensor_parallel_size: int = 1
+    enforce_eager: bool = False
+    compilation_config: dict | None = None
+    max_num_seqs: int | None = None
+    kv_cache_memory_bytes: int | None = None
+"""
+
+
+def fake_vllm(monkeypatch, tmp_path, completions: list[Generation] | str):
+    """A `vllm` package on PYTHONPATH (the child process imports it) that answers `completions` in order ("echo":
+    each answer names its prompt's token ids); returns a function reading what ladder passed it."""
     root = tmp_path / "fake_vllm"
     (root / "vllm").mkdir(parents=True)
     (root / "vllm" / "__init__.py").write_text(FAKE_VLLM)
     (root / "vllm" / "model_executor" / "models").mkdir(parents=True)
-    for package in ("model_executor", "model_executor/models"):
+    (root / "vllm" / "engine").mkdir()
+    for package in ("model_executor", "model_executor/models", "engine"):
         (root / "vllm" / package / "__init__.py").write_text("")
+    (root / "vllm" / "engine" / "arg_utils.py").write_text(FAKE_ARG_UTILS)
     (root / "vllm" / "model_executor" / "models" / "registry.py").write_text(FAKE_REGISTRY)
-    (root / "script.json").write_text(json.dumps([[g.text, g.finish_reason, g.tokens] for g in completions]))
+    (root / "script.json").write_text(json.dumps(completions if isinstance(completions, str) else
+                                                 [[g.text, g.finish_reason, g.tokens] for g in completions]))
     monkeypatch.setenv("LADDER_FAKE_VLLM", str(root))
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
     monkeypatch.syspath_prepend(str(root))  # backend() looks for vllm in this process
@@ -348,6 +390,127 @@ def test_eval_cuda_graphs_sets_vllms_engine_arguments(mode, engine, tiny_model, 
     assert {k: llm[k] for k in ("enforce_eager", "compilation_config") if k in llm} == engine
 
 
+def test_eval_engine_kwargs_reach_vllm_over_ladders_own(tiny_model, tmp_path, monkeypatch):
+    seen = fake_vllm(monkeypatch, tmp_path, [Generation("#### 1", "stop", 2)])
+    cfg = load_config("eval", ["eval.backend=vllm", "eval.max_new_tokens=8", "eval.engine_kwargs.max_num_seqs=2048",
+                               "eval.engine_kwargs.enforce_eager=false"])  # added without Hydra's +
+    generate.generate(cfg, str(tiny_model), None, [[1, 2]], [])
+    llm = seen()["llm"]
+    assert (llm["max_num_seqs"], llm["enforce_eager"], llm["max_model_len"]) == (2048, False, 2 + 8)
+
+
+def test_a_misspelt_engine_kwarg_is_named_before_vllm_starts(tiny_model, tmp_path, monkeypatch):
+    """The key is checked against the installed vLLM's EngineArgs, read from its source: no vLLM child is started
+    (it would import vLLM for 20 s, then fail after a chain's training)."""
+    root = tmp_path / "fake_vllm"
+    fake_vllm(monkeypatch, tmp_path, [Generation("#### 1", "stop", 2)])
+    with pytest.raises(SystemExit, match=r"eval.engine_kwargs.max_num_seq: not an engine argument of the installed "
+                                         r"vLLM \(vllm.EngineArgs in .*fake_vllm/vllm/engine/arg_utils.py\)"):
+        stages_main(["--stage", "eval", "--backend", "vllm", "--init", str(tiny_model),
+                     f"eval.output_dir={tmp_path / 'eval'}", "eval.engine_kwargs.max_num_seq=2048"])
+    assert not list(root.glob("imported.*"))  # no child ever imported (the fake) vLLM
+
+
+def engines_seen(tmp_path) -> list[dict]:
+    """What each fake engine process was given, in the order of its first prompt."""
+    seen = [json.loads(p.read_text()) for p in (tmp_path / "fake_vllm").glob("seen.*.json")]
+    return sorted(seen, key=lambda s: s["prompts"][0]["prompt_token_ids"])
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_engines_share_the_prompts_and_the_answers_come_back_in_prompt_order(n, tiny_model, tmp_path, monkeypatch):
+    """eval.engines=3 with no GPU named: three engine processes on one device, engine i generating prompts i, i+3,
+    ...; each with a third of the memory share, its own seed and a KV cache sized for its sequences (no device
+    memory known to the fake vLLM: the need itself)."""
+    fake_vllm(monkeypatch, tmp_path, "echo")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setattr(generate, "visible_gpus", lambda: [])
+    prompts = [[10 + i, 20 + i] for i in range(7)]
+    cfg = load_config("eval", ["eval.backend=vllm", "eval.max_new_tokens=8", "eval.engines=3"])
+    gens, seconds = generate.generate(cfg, str(tiny_model), None, prompts, [], {"temperature": 1.0} if n > 1 else None,
+                                      n=n)
+    assert [g.text for g in gens] == [f"echo {a} {b}" for a, b in prompts for _ in range(n)]
+    assert seconds > 0
+    seen = engines_seen(tmp_path)
+    assert [[p["prompt_token_ids"] for p in s["prompts"]] for s in seen] == [prompts[0::3], prompts[1::3], prompts[2::3]]
+    per_token = 2 * 2 * 2 * 16 * 2  # K and V x the tiny model's 2 layers x 2 KV heads x head_dim 16 x bf16
+    for i, s in enumerate(seen):
+        assert (s["llm"]["seed"], s["llm"]["gpu_memory_utilization"], s["cuda"]) == (42 + i, round(0.85 / 3, 4), None)
+        assert s["llm"]["kv_cache_memory_bytes"] == len(s["prompts"]) * n * (2 + 8) * per_token
+
+
+def test_engines_on_their_own_gpus_keep_the_whole_share_and_vllms_own_kv_sizing(tiny_model, tmp_path, monkeypatch):
+    fake_vllm(monkeypatch, tmp_path, "echo")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    cfg = load_config("eval", ["eval.backend=vllm", "eval.max_new_tokens=8", "eval.engines=2"])
+    gens, _ = generate.generate(cfg, str(tiny_model), None, [[5], [6], [7]], [])
+    assert [g.text for g in gens] == ["echo 5", "echo 6", "echo 7"]
+    seen = engines_seen(tmp_path)
+    assert [s["cuda"] for s in seen] == ["2", "3"]
+    assert all(s["llm"]["gpu_memory_utilization"] == 0.85 and "kv_cache_memory_bytes" not in s["llm"] for s in seen)
+
+
+@pytest.mark.parametrize("visible, engines, tp, want", [
+    ("4,5,6,7", 1, 1, [None]), ("4,5,6,7", 2, 1, ["4", "5"]), ("4,5,6,7", 4, 2, ["4,5", "6,7", "4,5", "6,7"]),
+    ("0", 3, 1, ["0", "0", "0"]), ("", 2, 1, [None, None])])
+def test_engine_placements(visible, engines, tp, want, monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    cfg = load_config("eval", [f"eval.engines={engines}", f"eval.tensor_parallel_size={tp}"])
+    assert generate.placements(cfg) == want
+
+
+def test_an_engines_kv_cache_is_its_need_within_its_share():
+    plan = {"tokens": 1000, "bytes_per_token": 1 << 20, "weights": 2 << 30}  # needs 1000 MiB
+    total = 80 << 30
+    assert generate.kv_cache_bytes(plan, 0.4, 500, total) == 1000 << 20  # room: 32 - 2 - 3 GiB
+    assert generate.kv_cache_bytes(plan, 0.4, 500, None) == 1000 << 20
+    room = int(0.07 * total) - (5 << 30)  # 614 MiB: less than the need, more than one 500-token sequence
+    assert generate.kv_cache_bytes(plan, 0.07, 500, total) == room
+    with pytest.raises(SystemExit, match=r"eval.engines: an engine's share of the GPU \(0.062 of 80 GiB\) has no room "
+                                         r"for one sequence's KV cache beside the weights \(2.0 GiB\); use fewer engines"):
+        generate.kv_cache_bytes(plan, 0.0625, 500, total)
+
+
+def test_a_failing_engine_stops_the_others_and_is_named(tiny_model, tmp_path, monkeypatch):
+    fake_vllm(monkeypatch, tmp_path, "echo")
+    monkeypatch.setattr(generate, "visible_gpus", lambda: [])
+    children = []
+    monkeypatch.setattr(generate, "VllmChild", lambda *a: children.append(ORIGINAL_CHILD(*a)) or children[-1])
+    cfg = load_config("eval", ["eval.backend=vllm", "eval.max_new_tokens=8", "eval.engines=2"])
+    with pytest.raises(SystemExit, match="engine 2 of 2 exited with 1 generating with"):
+        generate.generate(cfg, str(tiny_model), None, [[777], [666], [7], [8]], [])  # engine 1 is still generating
+    assert len(children) == 1 and [p.poll() for p in children[0].procs] == [-signal.SIGTERM, 1]  # engine 1 stopped
+    assert not any(d.exists() for d in children[0].dirs)
+
+
+def test_engines_too_many_for_the_gpus_memory_are_named_before_vllm_starts(tiny_model, tmp_path, monkeypatch):
+    """The engine reads its GPU's total memory (vLLM's platform: NVML, no CUDA context) and stops before building
+    the engine when its share cannot hold one sequence beside the weights."""
+    fake_vllm(monkeypatch, tmp_path, "echo")
+    (tmp_path / "fake_vllm" / "vllm" / "platforms.py").write_text(
+        "class current_platform:\n    get_device_total_memory = staticmethod(lambda device=0: 4 << 30)\n")
+    monkeypatch.setattr(generate, "visible_gpus", lambda: ["0"])
+    cfg = load_config("eval", ["eval.backend=vllm", "eval.max_new_tokens=8", "eval.engines=2"])
+    with pytest.raises(SystemExit, match=r"^\[generate\] eval.engines: an engine's share of the GPU \(0.425 of 4 GiB\) "
+                                         r"has no room for one sequence's KV cache"):
+        generate.generate(cfg, str(tiny_model), None, [[5], [6]], [])
+    assert not list((tmp_path / "fake_vllm").glob("seen.*.json"))  # no engine was built
+
+
+def test_more_engines_than_prompts(tiny_model, tmp_path, monkeypatch):
+    fake_vllm(monkeypatch, tmp_path, "echo")
+    monkeypatch.setattr(generate, "visible_gpus", lambda: [])
+    cfg = load_config("eval", ["eval.backend=vllm", "eval.max_new_tokens=8", "eval.engines=3"])
+    gens, _ = generate.generate(cfg, str(tiny_model), None, [[5], [6]], [])
+    assert [g.text for g in gens] == ["echo 5", "echo 6"] and len(engines_seen(tmp_path)) == 2
+
+
+@pytest.mark.parametrize("value", ["0", "two", "1.5", "true"])
+def test_a_bad_eval_engines_is_named_before_any_model_loads(value, tmp_path):
+    with pytest.raises(SystemExit, match=f"eval.engines={value.capitalize() if value == 'true' else value}: the number"):
+        stages_main([*EVAL, "--init", str(tmp_path / "no_model"), f"eval.engines={value}"])
+
+
 def test_a_bad_eval_cuda_graphs_is_named_before_any_model_loads(tmp_path):
     missing = tmp_path / "no_model"  # never looked at: the key is checked first
     with pytest.raises(SystemExit, match="eval.cuda_graphs=full: use one of none, decode, compiled"):
@@ -386,7 +549,7 @@ def test_the_vllm_child_reads_the_model_class_itself_and_starts_before_torch_is_
     before this process imports torch (the cue is read without torch)."""
     fake_vllm(monkeypatch, tmp_path, [Generation("#### 1", "stop", 2)])
     order, decide = [], generate.backend
-    monkeypatch.setattr(generate, "VllmChild", lambda: order.append("child") or ORIGINAL_CHILD())
+    monkeypatch.setattr(generate, "VllmChild", lambda *a: order.append("child") or ORIGINAL_CHILD(*a))
     monkeypatch.setattr(generate, "backend", lambda cfg: order.append("backend(), which imports torch") or decide(cfg))
     data = parquet(tmp_path, "gsm8k", [("1+0?", "1")])
     assert stages_main([*EVAL, "--backend", "vllm", "--init", str(tiny_model), f"eval.dataset={data}",
@@ -410,28 +573,28 @@ def test_a_wrong_early_cue_stops_the_child_and_evaluates_with_hf(tiny_model, tmp
     """auto, a driver file and vllm installed, but torch sees no GPU: the early child is stopped, hf generates."""
     fake_vllm(monkeypatch, tmp_path, [])
     children = []
-    monkeypatch.setattr(generate, "VllmChild", lambda: children.append(ORIGINAL_CHILD()) or children[-1])
+    monkeypatch.setattr(generate, "VllmChild", lambda *a: children.append(ORIGINAL_CHILD(*a)) or children[-1])
     monkeypatch.setattr(generate, "gpu_present", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     hf, stopped_first = generate.hf_generate, []
-    monkeypatch.setattr(generate, "hf_generate", lambda *a, **k: stopped_first.append(children[0].proc.poll() is not None)
+    monkeypatch.setattr(generate, "hf_generate", lambda *a, **k: stopped_first.append(children[0].procs[0].poll() is not None)
                         or hf(*a, **k))
     out = tmp_path / "eval"
     data = parquet(tmp_path, "gsm8k", [("1+0?", "1")])
     assert stages_main(["--stage", "eval", "--backend", "auto", "--max_new_tokens", "4", "--init", str(tiny_model),
                         f"eval.dataset={data}", f"eval.output_dir={out}"]) == 0
     assert json.loads((out / "metrics.json").read_text())["backend"] == "hf"
-    assert len(children) == 1 and stopped_first == [True] and not children[0].dir.exists()  # stopped before hf ran
+    assert len(children) == 1 and stopped_first == [True] and not children[0].dirs[0].exists()  # stopped before hf ran
 
 
 def test_a_run_stopped_by_bad_input_leaves_no_vllm_child(tiny_model, tmp_path, monkeypatch):
     fake_vllm(monkeypatch, tmp_path, [])
     children = []
-    monkeypatch.setattr(generate, "VllmChild", lambda: children.append(ORIGINAL_CHILD()) or children[-1])
+    monkeypatch.setattr(generate, "VllmChild", lambda *a: children.append(ORIGINAL_CHILD(*a)) or children[-1])
     with pytest.raises(SystemExit, match="no such file"):
         stages_main([*EVAL, "--backend", "vllm", "--init", str(tiny_model), f"eval.dataset={tmp_path / 'x.parquet'}"])
     assert len(children) == 1  # it was started early, then stopped when the data turned out missing
-    assert children[0].proc.poll() is not None and not children[0].dir.exists()
+    assert children[0].procs[0].poll() is not None and not children[0].dirs[0].exists()
 
 
 def test_vllm_r1_stops_at_answer_and_auto_picks_vllm_on_gpu(tiny_model, tmp_path, monkeypatch):
