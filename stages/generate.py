@@ -396,8 +396,8 @@ def vllm_generate(model: str, prompts: list[list[int]], cfg, stops, sampling: di
     shards = [list(range(i, len(prompts), len(where))) for i in range(len(where))]
     jobs = []
     for i, (device, shard) in enumerate(zip(where, shards)):
-        job = {"model": model, "prompts": [prompts[j] for j in shard], "sampling": params,
-               "engine": {**engine, "seed": engine["seed"] + i, **extra}}
+        job = {"model": model, "prompts": [prompts[j] for j in shard], "sampling": params, "progress": i == 0,
+               "engine": {**engine, "seed": engine["seed"] + i, **extra}}  # one progress bar: the first engine's
         sharing = where.count(device)
         if sharing > 1:  # engines on one GPU: each its share of the memory, and a KV cache sized for its sequences
             job["engine"]["gpu_memory_utilization"] = round(float(e.gpu_memory_utilization) / sharing, 4)
@@ -473,7 +473,8 @@ def _vllm_child(folder: Path) -> None:
     timing = {"import": t1 - t0, "waited": t2 - t1, "engine": time.time() - t2}
     t0 = time.time()
     outs = [o for r in llm.generate([{"prompt_token_ids": p} for p in job["prompts"]],
-                                    SamplingParams(**job["sampling"]), use_tqdm=True) for o in r.outputs]
+                                    SamplingParams(**job["sampling"]), use_tqdm=job.get("progress", True))
+            for o in r.outputs]
     texts = [o.text for o in outs]
     if not job["sampling"].get("detokenize", True):  # vLLM returned ids only: the text, as its detokenizer writes it
         texts = llm.get_tokenizer().batch_decode([list(o.token_ids) for o in outs], skip_special_tokens=True)
