@@ -19,11 +19,11 @@ import time
 if __name__ == "__main__":
     import pandas as pd
 
-    from stages import generate
+    from stages import generate, vllm_engine
 
     model, parquet = sys.argv[1], sys.argv[2]
     order = (sys.argv[3] if len(sys.argv) > 3 else "on,off,on,off").split(",")
-    generate.inspect_here()
+    vllm_engine.inspect_here()
     from vllm import LLM, SamplingParams
 
     tok = generate.load_tokenizer(model)

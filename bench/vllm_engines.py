@@ -58,7 +58,7 @@ def engine(model, prompts, kwargs, folder: Path, e: int, repeats: int) -> None:
 
 
 def run_setting(setting: str, model, prompts, repeats: int) -> dict:
-    from stages import generate
+    from stages import vllm_engine
 
     name, _, n = setting.partition("*")
     engines = int(n or 1)
@@ -70,12 +70,12 @@ def run_setting(setting: str, model, prompts, repeats: int) -> dict:
     for e in range(engines):
         share = prompts[e::engines]
         kwargs = dict(base)
-        if engines > 1:  # as ladder's eval.engines sizes engines that share a GPU (stages/generate.py)
+        if engines > 1:  # as ladder's eval.engines sizes engines that share a GPU (stages/vllm_engine.py)
             kwargs["gpu_memory_utilization"] = round(0.85 / engines, 4)
-            plan = {"tokens": len(share) * longest, "bytes_per_token": generate.kv_bytes_per_token(model, "bfloat16"),
-                    "weights": generate.weights_bytes(model)}
-            kwargs["kv_cache_memory_bytes"] = generate.kv_cache_bytes(plan, kwargs["gpu_memory_utilization"], longest,
-                                                                      generate.device_memory())
+            plan = {"tokens": len(share) * longest, "bytes_per_token": vllm_engine.kv_bytes_per_token(model, "bfloat16"),
+                    "weights": vllm_engine.weights_bytes(model)}
+            kwargs["kv_cache_memory_bytes"] = vllm_engine.kv_cache_bytes(plan, kwargs["gpu_memory_utilization"], longest,
+                                                                      vllm_engine.device_memory())
         pid = os.fork()
         if pid == 0:
             code = 0
@@ -112,16 +112,16 @@ def run_setting(setting: str, model, prompts, repeats: int) -> dict:
 if __name__ == "__main__":
     import pandas as pd
 
-    from stages import generate
+    from stages import generate, vllm_engine
 
     model, parquet, *settings = sys.argv[1:]
     repeats = int(os.environ.get("REPEATS", 2))
-    generate.inspect_here()
+    vllm_engine.inspect_here()
     import vllm  # noqa: F401 (imported once, before the forks; no CUDA context here)
 
     tok = generate.load_tokenizer(model)
     prompts = generate.prompt_ids(tok, pd.read_parquet(parquet)["prompt"])
-    per_token = generate.kv_bytes_per_token(model, "bfloat16")
+    per_token = vllm_engine.kv_bytes_per_token(model, "bfloat16")
     print(f"[bench] {len(prompts)} prompts; KV {per_token} bytes a token", flush=True)
     summary = [run_setting(s, model, prompts, repeats) for s in settings or ["eager", "eager*2"]]
     for row in summary:

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from stages import chain, generate, registry, report
+from stages import chain, registry, report, vllm_engine
 from stages.config import read_manifest, stage_dir
 
 
@@ -83,11 +83,11 @@ def run(cfg) -> int:
             if stage in ("sft", "ei") or (stage == "grpo" and until != "grpo"):
                 # the generation after this training (the rung's eval, EI's sampling, the closing eval stage) then
                 # finds vLLM imported
-                generate.prestart_before_training(stage_cfg)
+                vllm_engine.prestart_before_training(stage_cfg)
             rc = registry.run(stage_cfg, stage)
             add_seconds(run_dir, stage, time.time() - t0)
             if rc:
-                generate.release()
+                vllm_engine.release()
                 print(f"[all] {stage} failed ({rc}); rerun the same command to resume at {stage}")
                 report_so_far(run_dir)
                 return rc

@@ -34,7 +34,7 @@ from pathlib import Path
 import pandas as pd
 from omegaconf import OmegaConf
 
-from stages import chain, generate
+from stages import chain, generate, vllm_engine
 from stages.config import stage_dir, write_manifest
 
 
@@ -162,10 +162,10 @@ def run(cfg) -> int:
         print(f"[ei] round {r}: fine-tuning {round_cfg.model.path} on {len(kept)} samples"
               + (f" and the references ({train})" if cfg.ei.references else f" ({train})"), flush=True)
         round_cfg.eval.dataset = files["rl_test"]
-        generate.prestart_before_training(round_cfg)  # the round's eval finds vLLM imported
+        vllm_engine.prestart_before_training(round_cfg)  # the round's eval finds vLLM imported
         metrics = chain.train_then_evaluate(round_cfg)
         if isinstance(metrics, int):
-            generate.release()  # the child the round's eval did not take (its training failed)
+            vllm_engine.release()  # the child the round's eval did not take (its training failed)
             return metrics
         policy = json.loads((rdir / "sft" / "manifest.json").read_text())["hf_model"]
         record = {"round": r, **stats, "policy": policy, "seconds": round(time.time() - t0, 1),

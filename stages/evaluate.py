@@ -34,7 +34,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from stages import generate, report
+from stages import generate, report, vllm_engine
 from stages.config import stage_dir, write_manifest
 from stages.export import resolve_init, run_folder
 from stages.generate import Generation
@@ -275,25 +275,23 @@ def run(cfg) -> int:
     if cfg.run.dry_run:
         print(json.dumps({"init": init, "output_dir": str(out), "eval": dict(cfg.eval),
                           # vllm: each engine's CUDA_VISIBLE_DEVICES (null: all of this process's)
-                          "vllm_engines": generate.placements(cfg)}, indent=2, default=str))
+                          "vllm_engines": vllm_engine.placements(cfg)}, indent=2, default=str))
         return 0
     # ---- everything that can be wrong is found before the first token is generated
     sampling(cfg)
-    generate.cuda_graphs(cfg)
-    generate.engine_kwargs(cfg)
-    generate.engines(cfg)
+    vllm_engine.check(cfg)
     # vLLM's import (15-23 s) runs while this process imports torch and makes the data and the tokenizer ready
-    if generate.likely_vllm(cfg):
-        generate.prestart(cfg)
+    if vllm_engine.likely_vllm(cfg):
+        vllm_engine.prestart(cfg)
     try:
         engine = generate.backend(cfg)
         if engine == "vllm":
-            generate.prestart(cfg)  # the cue missed it (auto, and no driver file seen): start it now
+            vllm_engine.prestart(cfg)  # the cue missed it (auto, and no driver file seen): start it now
         else:
-            generate.release()  # the cue was wrong (auto: torch sees no GPU)
+            vllm_engine.release()  # the cue was wrong (auto: torch sees no GPU)
         return run_on(cfg, init, out, engine)
     finally:
-        generate.release()  # the prestarted child, if the run stopped before it was used
+        vllm_engine.release()  # the prestarted child, if the run stopped before it was used
 
 
 def run_on(cfg, init: str, out: Path, engine: str) -> int:

@@ -266,11 +266,11 @@ def test_the_chain_starts_the_next_vllm_child_before_each_training_stage(gsm8k_d
     import overlaps the training: 18-24 s an eval on the H200 host); the closing eval stage starts its own; a stage
     that fails stops the child it left."""
     from stages import all as chain_all
-    from stages import generate, registry
+    from stages import registry, vllm_engine
 
     started, closed, seen = [], [], []
 
-    class Child:  # generate.VllmChild's stand-in
+    class Child:  # vllm_engine.VllmChild's stand-in
         def __init__(self, *devices):
             started.append(self)
 
@@ -278,9 +278,9 @@ def test_the_chain_starts_the_next_vllm_child_before_each_training_stage(gsm8k_d
             closed.append(self)
 
     def stage(cfg, name, fail=""):
-        seen.append((name, generate._early))
+        seen.append((name, vllm_engine._early))
         if name != "eval":  # (the eval stage starts a child of its own: evaluate.run)
-            generate.take()  # what the generation after the training does (the rung's eval, EI's sampling)
+            vllm_engine.take()  # what the generation after the training does (the rung's eval, EI's sampling)
         if name == fail:
             return 1
         folder = tmp_path / "u" / name
@@ -288,9 +288,9 @@ def test_the_chain_starts_the_next_vllm_child_before_each_training_stage(gsm8k_d
         (folder / "manifest.json").write_text(json.dumps({"stage": name, "status": "done"}))
         return 0
 
-    monkeypatch.setattr(generate, "_early", None)  # no child left by another test
-    monkeypatch.setattr(generate, "VllmChild", Child)
-    monkeypatch.setattr(generate, "likely_vllm", lambda cfg: True)
+    monkeypatch.setattr(vllm_engine, "_early", None)  # no child left by another test
+    monkeypatch.setattr(vllm_engine, "VllmChild", Child)
+    monkeypatch.setattr(vllm_engine, "likely_vllm", lambda cfg: True)
     monkeypatch.setattr(registry, "run", stage)
     monkeypatch.setattr(chain_all, "rung_eval", lambda cfg, run_dir, rung, model: 0)
     args = ["--stage", "all", "--train_size", "8", "run.name=u", f"run.output_dir={tmp_path}"]
@@ -304,6 +304,6 @@ def test_the_chain_starts_the_next_vllm_child_before_each_training_stage(gsm8k_d
     for name in ("grpo", "eval"):
         (tmp_path / "u" / name / "manifest.json").unlink()
     monkeypatch.setattr(registry, "run", lambda cfg, name: stage(cfg, name, fail="grpo") if name == "grpo" else 0)
-    monkeypatch.setattr(generate, "take", lambda cfg=None: None)  # GRPO fails before anything takes its child
+    monkeypatch.setattr(vllm_engine, "take", lambda cfg=None: None)  # GRPO fails before anything takes its child
     assert stages_main(args) == 1
-    assert closed == [started[-1]] and len(started) == 5 and generate._early is None
+    assert closed == [started[-1]] and len(started) == 5 and vllm_engine._early is None

@@ -166,11 +166,11 @@ def test_a_rounds_vllm_eval_child_imports_during_the_rounds_training(tiny_model,
     the H200 host) overlaps the training, not the eval; a round whose training fails stops that child."""
     import json
 
-    from stages import chain, generate
+    from stages import chain, vllm_engine
 
     started, closed, seen = [], [], []
 
-    class Child:  # generate.VllmChild's stand-in: records its start and its close
+    class Child:  # vllm_engine.VllmChild's stand-in: records its start and its close
         def __init__(self, *devices):
             started.append(self)
 
@@ -178,7 +178,7 @@ def test_a_rounds_vllm_eval_child_imports_during_the_rounds_training(tiny_model,
             closed.append(self)
 
     def fake_train(round_cfg, rc=0):
-        seen.append(generate._early)
+        seen.append(vllm_engine._early)
         if rc:
             return rc
         sft = tmp_path / "r" / "ei" / "round_1" / "sft"
@@ -186,16 +186,16 @@ def test_a_rounds_vllm_eval_child_imports_during_the_rounds_training(tiny_model,
         (sft / "manifest.json").write_text(json.dumps({"hf_model": "round-1-model"}))
         return {"accuracy": 0.5, "format_accuracy": 1.0, "trunc_rate": 0.0, "avg_gen_len": 9.0}
 
-    monkeypatch.setattr(generate, "_early", None)  # no child left by another test
-    monkeypatch.setattr(generate, "VllmChild", Child)
-    monkeypatch.setattr(generate, "likely_vllm", lambda cfg: True)
+    monkeypatch.setattr(vllm_engine, "_early", None)  # no child left by another test
+    monkeypatch.setattr(vllm_engine, "VllmChild", Child)
+    monkeypatch.setattr(vllm_engine, "likely_vllm", lambda cfg: True)
     monkeypatch.setattr(ei, "sample", planted([]))
     monkeypatch.setattr(chain, "train_then_evaluate", fake_train)
     args = ARGS + ["--init", str(tiny_model), f"run.output_dir={tmp_path}"]
     assert main(args) == 0
     assert seen == started and len(started) == 1 and not closed  # started before the training, left for the eval
-    generate.release()
+    vllm_engine.release()
     monkeypatch.setattr(chain, "train_then_evaluate", lambda round_cfg: fake_train(round_cfg, rc=3))
     seen.clear()
     assert main(args + ["run.name=failing"]) == 3
-    assert seen == [started[-1]] and closed == [started[0], started[-1]] and generate._early is None
+    assert seen == [started[-1]] and closed == [started[0], started[-1]] and vllm_engine._early is None

@@ -14,13 +14,13 @@ import pytest
 import torch
 
 from data_prep.templates import get as template
-from stages import evaluate, generate, report
+from stages import evaluate, generate, report, vllm_engine
 from stages.__main__ import main as stages_main
 from stages.config import load_config
 from stages.evaluate import METRICS, score
 from stages.generate import Generation
 
-ORIGINAL_CHILD = generate.VllmChild
+ORIGINAL_CHILD = vllm_engine.VllmChild
 
 EVAL = ["--stage", "eval", "--backend", "hf", "--device", "cpu", "--max_new_tokens", "16"]  # CPU even on a GPU host
 
@@ -424,7 +424,7 @@ def test_engines_share_the_prompts_and_the_answers_come_back_in_prompt_order(n, 
     memory known to the fake vLLM: the need itself)."""
     fake_vllm(monkeypatch, tmp_path, "echo")
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    monkeypatch.setattr(generate, "visible_gpus", lambda: [])
+    monkeypatch.setattr(vllm_engine, "visible_gpus", lambda: [])
     prompts = [[10 + i, 20 + i] for i in range(7)]
     cfg = load_config("eval", ["eval.backend=vllm", "eval.max_new_tokens=8", "eval.engines=3"])
     gens, seconds = generate.generate(cfg, str(tiny_model), None, prompts, [], {"temperature": 1.0} if n > 1 else None,
@@ -456,26 +456,26 @@ def test_engines_on_their_own_gpus_keep_the_whole_share_and_vllms_own_kv_sizing(
 def test_engine_placements(visible, engines, tp, want, monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
     cfg = load_config("eval", [f"eval.engines={engines}", f"eval.tensor_parallel_size={tp}"])
-    assert generate.placements(cfg) == want
+    assert vllm_engine.placements(cfg) == want
 
 
 def test_an_engines_kv_cache_is_its_need_within_its_share():
     plan = {"tokens": 1000, "bytes_per_token": 1 << 20, "weights": 2 << 30}  # needs 1000 MiB
     total = 80 << 30
-    assert generate.kv_cache_bytes(plan, 0.4, 500, total) == 1000 << 20  # room: 32 - 2 - 3 GiB
-    assert generate.kv_cache_bytes(plan, 0.4, 500, None) == 1000 << 20
+    assert vllm_engine.kv_cache_bytes(plan, 0.4, 500, total) == 1000 << 20  # room: 32 - 2 - 3 GiB
+    assert vllm_engine.kv_cache_bytes(plan, 0.4, 500, None) == 1000 << 20
     room = int(0.07 * total) - (5 << 30)  # 614 MiB: less than the need, more than one 500-token sequence
-    assert generate.kv_cache_bytes(plan, 0.07, 500, total) == room
+    assert vllm_engine.kv_cache_bytes(plan, 0.07, 500, total) == room
     with pytest.raises(SystemExit, match=r"eval.engines: an engine's share of the GPU \(0.062 of 80 GiB\) has no room "
                                          r"for one sequence's KV cache beside the weights \(2.0 GiB\); use fewer engines"):
-        generate.kv_cache_bytes(plan, 0.0625, 500, total)
+        vllm_engine.kv_cache_bytes(plan, 0.0625, 500, total)
 
 
 def test_a_failing_engine_stops_the_others_and_is_named(tiny_model, tmp_path, monkeypatch):
     fake_vllm(monkeypatch, tmp_path, "echo")
-    monkeypatch.setattr(generate, "visible_gpus", lambda: [])
+    monkeypatch.setattr(vllm_engine, "visible_gpus", lambda: [])
     children = []
-    monkeypatch.setattr(generate, "VllmChild", lambda *a: children.append(ORIGINAL_CHILD(*a)) or children[-1])
+    monkeypatch.setattr(vllm_engine, "VllmChild", lambda *a: children.append(ORIGINAL_CHILD(*a)) or children[-1])
     cfg = load_config("eval", ["eval.backend=vllm", "eval.max_new_tokens=8", "eval.engines=2"])
     with pytest.raises(SystemExit, match="engine 2 of 2 exited with 1 generating with"):
         generate.generate(cfg, str(tiny_model), None, [[777], [666], [7], [8]], [])  # engine 1 is still generating
@@ -489,9 +489,9 @@ def test_engines_too_many_for_the_gpus_memory_are_named_before_vllm_starts(tiny_
     fake_vllm(monkeypatch, tmp_path, "echo")
     (tmp_path / "fake_vllm" / "vllm" / "platforms.py").write_text(
         "class current_platform:\n    get_device_total_memory = staticmethod(lambda device=0: 4 << 30)\n")
-    monkeypatch.setattr(generate, "visible_gpus", lambda: ["0"])
+    monkeypatch.setattr(vllm_engine, "visible_gpus", lambda: ["0"])
     cfg = load_config("eval", ["eval.backend=vllm", "eval.max_new_tokens=8", "eval.engines=2"])
-    with pytest.raises(SystemExit, match=r"^\[generate\] eval.engines: an engine's share of the GPU \(0.425 of 4 GiB\) "
+    with pytest.raises(SystemExit, match=r"^\[vllm\] eval.engines: an engine's share of the GPU \(0.425 of 4 GiB\) "
                                          r"has no room for one sequence's KV cache"):
         generate.generate(cfg, str(tiny_model), None, [[5], [6]], [])
     assert not list((tmp_path / "fake_vllm").glob("seen.*.json"))  # no engine was built
@@ -499,7 +499,7 @@ def test_engines_too_many_for_the_gpus_memory_are_named_before_vllm_starts(tiny_
 
 def test_more_engines_than_prompts(tiny_model, tmp_path, monkeypatch):
     fake_vllm(monkeypatch, tmp_path, "echo")
-    monkeypatch.setattr(generate, "visible_gpus", lambda: [])
+    monkeypatch.setattr(vllm_engine, "visible_gpus", lambda: [])
     cfg = load_config("eval", ["eval.backend=vllm", "eval.max_new_tokens=8", "eval.engines=3"])
     gens, _ = generate.generate(cfg, str(tiny_model), None, [[5], [6]], [])
     assert [g.text for g in gens] == ["echo 5", "echo 6"] and len(engines_seen(tmp_path)) == 2
@@ -549,7 +549,7 @@ def test_the_vllm_child_reads_the_model_class_itself_and_starts_before_torch_is_
     before this process imports torch (the cue is read without torch)."""
     fake_vllm(monkeypatch, tmp_path, [Generation("#### 1", "stop", 2)])
     order, decide = [], generate.backend
-    monkeypatch.setattr(generate, "VllmChild", lambda *a: order.append("child") or ORIGINAL_CHILD(*a))
+    monkeypatch.setattr(vllm_engine, "VllmChild", lambda *a: order.append("child") or ORIGINAL_CHILD(*a))
     monkeypatch.setattr(generate, "backend", lambda cfg: order.append("backend(), which imports torch") or decide(cfg))
     data = parquet(tmp_path, "gsm8k", [("1+0?", "1")])
     assert stages_main([*EVAL, "--backend", "vllm", "--init", str(tiny_model), f"eval.dataset={data}",
@@ -563,18 +563,18 @@ def test_the_vllm_child_reads_the_model_class_itself_and_starts_before_torch_is_
     ("vllm", "auto", False, True, True), ("auto", "auto", True, True, True), ("auto", "auto", False, True, False),
     ("auto", "cpu", True, True, False), ("hf", "auto", True, True, False), ("auto", "auto", True, False, False)])
 def test_the_early_vllm_cue(backend, device, driver, vllm, cue, monkeypatch):
-    monkeypatch.setattr(generate, "gpu_present", lambda: driver)
-    monkeypatch.setattr(generate.importlib.util, "find_spec", lambda name: object() if vllm else None)
+    monkeypatch.setattr(vllm_engine, "gpu_present", lambda: driver)
+    monkeypatch.setattr(vllm_engine.importlib.util, "find_spec", lambda name: object() if vllm else None)
     cfg = load_config("eval", [f"eval.backend={backend}", f"launch.device={device}"])
-    assert generate.likely_vllm(cfg) is cue
+    assert vllm_engine.likely_vllm(cfg) is cue
 
 
 def test_a_wrong_early_cue_stops_the_child_and_evaluates_with_hf(tiny_model, tmp_path, monkeypatch):
     """auto, a driver file and vllm installed, but torch sees no GPU: the early child is stopped, hf generates."""
     fake_vllm(monkeypatch, tmp_path, [])
     children = []
-    monkeypatch.setattr(generate, "VllmChild", lambda *a: children.append(ORIGINAL_CHILD(*a)) or children[-1])
-    monkeypatch.setattr(generate, "gpu_present", lambda: True)
+    monkeypatch.setattr(vllm_engine, "VllmChild", lambda *a: children.append(ORIGINAL_CHILD(*a)) or children[-1])
+    monkeypatch.setattr(vllm_engine, "gpu_present", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     hf, stopped_first = generate.hf_generate, []
     monkeypatch.setattr(generate, "hf_generate", lambda *a, **k: stopped_first.append(children[0].procs[0].poll() is not None)
@@ -590,7 +590,7 @@ def test_a_wrong_early_cue_stops_the_child_and_evaluates_with_hf(tiny_model, tmp
 def test_a_run_stopped_by_bad_input_leaves_no_vllm_child(tiny_model, tmp_path, monkeypatch):
     fake_vllm(monkeypatch, tmp_path, [])
     children = []
-    monkeypatch.setattr(generate, "VllmChild", lambda *a: children.append(ORIGINAL_CHILD(*a)) or children[-1])
+    monkeypatch.setattr(vllm_engine, "VllmChild", lambda *a: children.append(ORIGINAL_CHILD(*a)) or children[-1])
     with pytest.raises(SystemExit, match="no such file"):
         stages_main([*EVAL, "--backend", "vllm", "--init", str(tiny_model), f"eval.dataset={tmp_path / 'x.parquet'}"])
     assert len(children) == 1  # it was started early, then stopped when the data turned out missing
@@ -810,7 +810,7 @@ def test_the_vllm_child_stops_when_its_launcher_is_gone(tmp_path, monkeypatch):
     launcher = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
     env = dict(os.environ, LADDER_LAUNCHER_PID=str(launcher.pid),
                PYTHONPATH=os.pathsep.join([str(tmp_path / "fake_vllm"), str(Path(__file__).resolve().parents[1])]))
-    child = subprocess.Popen([sys.executable, "-m", "stages.generate", str(tmp_path)], env=env)
+    child = subprocess.Popen([sys.executable, "-m", "stages.vllm_engine", str(tmp_path)], env=env)
     time.sleep(3)
     assert child.poll() is None  # generating (the fake engine sleeps)
     launcher.send_signal(signal.SIGKILL)
