@@ -49,9 +49,9 @@ def pick(cfg, gpu: bool) -> tuple[str, bool]:
 
 
 def likely_vllm(cfg) -> bool:
-    """Whether backend(cfg) will pick vllm, judged before torch is imported (a driver file for torch's answer):
-    evaluate.run starts the vLLM child on this cue, so vLLM's import also overlaps this process's own torch
-    import; generate.backend(cfg) decides."""
+    """Whether generate.backend(cfg) will pick vllm, judged before torch is imported (a driver file for torch's
+    answer): evaluate.run starts the vLLM child on this cue, so vLLM's import also overlaps this process's own
+    torch import; backend(cfg) decides."""
     name, has_vllm = pick(cfg, gpu_present())
     return name == "vllm" and has_vllm
 
@@ -217,8 +217,8 @@ class VllmChild:
             if device is not None:
                 env["CUDA_VISIBLE_DEVICES"] = device
             self.dirs.append(Path(tempfile.mkdtemp(prefix="ladder-vllm-")))
-            self.procs.append(subprocess.Popen([sys.executable, "-m", "stages.vllm_engine", str(self.dirs[-1])], env=env,
-                                               cwd=REPO))
+            command = [sys.executable, "-m", "stages.vllm_engine", str(self.dirs[-1])]
+            self.procs.append(subprocess.Popen(command, env=env, cwd=REPO))
         atexit.register(self.close)
 
     def run(self, jobs: list[dict]) -> list[dict]:
