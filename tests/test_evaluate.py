@@ -497,6 +497,24 @@ def test_engines_too_many_for_the_gpus_memory_are_named_before_vllm_starts(tiny_
     assert not list((tmp_path / "fake_vllm").glob("seen.*.json"))  # no engine was built
 
 
+def test_the_eval_stage_uses_its_prestarted_engines(tiny_model, tmp_path, monkeypatch):
+    """`--stage eval` with eval.engines=2: the two engine processes started before the data prep are the ones that
+    generate (one VllmChild for the run), and every problem is graded once, in order."""
+    fake_vllm(monkeypatch, tmp_path, "echo")
+    monkeypatch.setattr(vllm_engine, "visible_gpus", lambda: [])
+    children = []
+    monkeypatch.setattr(vllm_engine, "VllmChild", lambda *a: children.append(ORIGINAL_CHILD(*a)) or children[-1])
+    data = parquet(tmp_path, "gsm8k", [(f"{i}+0?", str(i)) for i in range(5)])
+    out = tmp_path / "eval"
+    assert stages_main(["--stage", "eval", "--backend", "vllm", "--max_new_tokens", "8", "--init", str(tiny_model),
+                        f"eval.dataset={data}", f"eval.output_dir={out}", "eval.engines=2"]) == 0
+    assert len(children) == 1 and len(children[0].procs) == 2
+    assert [len(s["prompts"]) for s in engines_seen(tmp_path)] in ([3, 2], [2, 3])
+    preds = lines(out / "predictions.jsonl")
+    assert [p["question"] for p in preds] == [f"{i}+0?" for i in range(5)]
+    assert all(p["completion"].startswith("echo ") for p in preds)
+
+
 def test_more_engines_than_prompts(tiny_model, tmp_path, monkeypatch):
     fake_vllm(monkeypatch, tmp_path, "echo")
     monkeypatch.setattr(vllm_engine, "visible_gpus", lambda: [])
