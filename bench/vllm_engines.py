@@ -22,13 +22,14 @@ import tempfile
 import time
 from pathlib import Path
 
-SETTINGS = {
-    "eager": {"enforce_eager": True},  # ladder's default (eval.cuda_graphs: none), vLLM's max_num_seqs (1,024)
-    "eager-seqs": {"enforce_eager": True, "max_num_seqs": 2048},  # every prompt admitted at once
-    "decode-seqs": {"enforce_eager": False, "max_num_seqs": 2048,
-                    "compilation_config": {"mode": 0, "cudagraph_mode": "FULL_DECODE_ONLY"}},
+from stages.vllm_engine import CUDA_GRAPHS
+
+SETTINGS = {  # eval.cuda_graphs' engine arguments, with or without more
+    "eager": CUDA_GRAPHS["none"],  # ladder's default (eval.cuda_graphs: none), vLLM's max_num_seqs (1,024)
+    "eager-seqs": {**CUDA_GRAPHS["none"], "max_num_seqs": 2048},  # every prompt admitted at once
+    "decode-seqs": {**CUDA_GRAPHS["decode"], "max_num_seqs": 2048},
     # each step's batch and the engine's wait for it, in vLLM's log (EngineCore's `Iteration(N)` lines)
-    "eager-log": {"enforce_eager": True, "enable_logging_iteration_details": True},
+    "eager-log": {**CUDA_GRAPHS["none"], "enable_logging_iteration_details": True},
 }
 
 

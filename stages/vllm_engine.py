@@ -91,13 +91,13 @@ def engine_kwargs(cfg) -> dict:
         return {}
     if not isinstance(extra, (dict, DictConfig)):
         raise VllmError(f"eval.engine_kwargs={extra}: give vLLM engine arguments as keys, e.g. "
-                              "eval.engine_kwargs.max_num_seqs=2048")
+                        "eval.engine_kwargs.max_num_seqs=2048")
     extra = OmegaConf.to_container(extra, resolve=True) if isinstance(extra, DictConfig) else dict(extra)
     known = vllm_engine_args()
     unknown = sorted(set(extra) - known) if known else []
     if unknown:
         raise VllmError(f"eval.engine_kwargs.{unknown[0]}: not an engine argument of the installed vLLM "
-                              f"(vllm.EngineArgs in {vllm_arg_utils()})")
+                        f"(vllm.EngineArgs in {vllm_arg_utils()})")
     return extra
 
 
@@ -195,8 +195,8 @@ def kv_cache_bytes(plan: dict, share: float, max_model_len: int, total: int | No
     room = int(share * total) - plan["weights"] - RESERVE_BYTES
     if room < max_model_len * plan["bytes_per_token"]:
         raise VllmError(f"eval.engines: an engine's share of the GPU ({share:.3f} of {total / 2**30:.0f} GiB) "
-                              f"has no room for one sequence's KV cache beside the weights "
-                              f"({plan['weights'] / 2**30:.1f} GiB); use fewer engines")
+                        f"has no room for one sequence's KV cache beside the weights "
+                        f"({plan['weights'] / 2**30:.1f} GiB); use fewer engines")
     return min(need, room)
 
 
@@ -241,7 +241,7 @@ class VllmChild:
                     if rc or error or not out.exists():
                         which = f"engine {i + 1} of {len(jobs)}" if len(jobs) > 1 else "vLLM"
                         raise VllmError(error or f"{which} exited with {rc} generating with {jobs[i]['model']} "
-                                              "(its log is above); --backend hf generates without vLLM")
+                                        "(its log is above); --backend hf generates without vLLM")
                 time.sleep(0.05)
             return [json.loads((folder / "out.json").read_text()) for folder in self.dirs]
         finally:
@@ -322,42 +322,39 @@ def vllm_generate(model: str, prompts: list[list[int]], cfg, stops, sampling: di
     max_len = int(extra.get("max_model_len", engine["max_model_len"]))
     if longest > max_len:
         raise VllmError(f"longest prompt ({longest - int(e.max_new_tokens)} tokens) + eval.max_new_tokens "
-                              f"({e.max_new_tokens}) > eval.max_model_len ({max_len}); raise it or leave it null")
+                        f"({e.max_new_tokens}) > eval.max_model_len ({max_len}); raise it or leave it null")
     where = placements(cfg)
     shards = [list(range(i, len(prompts), len(where))) for i in range(len(where))]
     jobs = []
     for i, (device, shard) in enumerate(zip(where, shards)):
-        job = {"model": model, "prompts": [prompts[j] for j in shard], "sampling": params, "progress": i == 0,
-               "engine": {**engine, "seed": engine["seed"] + i, **extra}}  # one progress bar: the first engine's
+        own = {**engine, "seed": engine["seed"] + i}
+        job = {"model": model, "prompts": [prompts[j] for j in shard], "sampling": params, "progress": i == 0}
         sharing = where.count(device)
         if sharing > 1:  # engines on one GPU: each its share of the memory, and a KV cache sized for its sequences
-            job["engine"]["gpu_memory_utilization"] = round(float(e.gpu_memory_utilization) / sharing, 4)
-            job["engine"].update({k: v for k, v in extra.items() if k == "gpu_memory_utilization"})
+            own["gpu_memory_utilization"] = round(float(e.gpu_memory_utilization) / sharing, 4)
             if "kv_cache_memory_bytes" not in extra:
                 seqs = min(len(shard) * int(n), int(extra.get("max_num_seqs") or 1024))
                 job["kv"] = {"tokens": seqs * max_len, "bytes_per_token": kv_bytes_per_token(model, str(e.dtype)),
                              "weights": weights_bytes(model)}
-        jobs.append(job)
+        jobs.append({**job, "engine": {**own, **extra}})  # the user's engine_kwargs over ladder's
     child = take(cfg)
     sent = time.time()
     outs = child.run(jobs)
-    done = [o for o in outs if o.get("rows")]
+    done = [o for o in outs if o["rows"]]
     seconds = max(o["end"] for o in done) - min(o["start"] for o in done) if done else 0.0
-    timing = [o.get("timing", {}) for o in outs]
+    timing = [o["timing"] for o in done]
     if len(outs) == 1:
         t = timing[0]
-        print(f"[vllm] vLLM child: import {t.get('import', 0):.1f} s, then {t.get('waited', 0):.1f} s waiting for "
-              f"the prompts, engine start {t.get('engine', 0):.1f} s, generation {outs[0]['seconds']:.1f} s; "
-              f"{time.time() - sent:.1f} s from prompts to result, {time.time() - child.started:.1f} s since it "
-              "started", flush=True)
+        print(f"[vllm] vLLM child: import {t['import']:.1f} s, then {t['waited']:.1f} s waiting for the prompts, "
+              f"engine start {t['engine']:.1f} s, generation {seconds:.1f} s; {time.time() - sent:.1f} s from prompts "
+              f"to result, {time.time() - child.started:.1f} s since it started", flush=True)
     else:
-        def spread(key: str, rows: list[dict]) -> str:
-            values = [r.get(key, 0) for r in rows]
+        def spread(values: list[float]) -> str:
             return f"{min(values):.1f}-{max(values):.1f} s"
         print(f"[vllm] {len(outs)} vLLM engines ({', '.join(d or 'all GPUs' for d in where)}): import "
-              f"{spread('import', timing)}, engine start {spread('engine', timing)}, generation "
-              f"{spread('seconds', done)} each, {seconds:.1f} s from the first start to the last end; "
-              f"{time.time() - sent:.1f} s from prompts to result", flush=True)
+              f"{spread([t['import'] for t in timing])}, engine start {spread([t['engine'] for t in timing])}, "
+              f"generation {spread([o['end'] - o['start'] for o in done])} each, {seconds:.1f} s from the first "
+              f"start to the last end; {time.time() - sent:.1f} s from prompts to result", flush=True)
     rows: list = [None] * (len(prompts) * int(n))
     for shard, out in zip(shards, outs):
         for k, j in enumerate(shard):
@@ -389,7 +386,7 @@ def _vllm_child(folder: Path) -> None:
     t2 = time.time()
     job = json.loads((folder / "job.json").read_text())
     if not job["prompts"]:  # more engines than prompts
-        (folder / "out.json").write_text(json.dumps({"seconds": 0.0, "rows": [], "timing": {}}))
+        (folder / "out.json").write_text(json.dumps({"rows": []}))
         return
     engine = dict(job["engine"])
     if job.get("kv"):
@@ -410,8 +407,7 @@ def _vllm_child(folder: Path) -> None:
         texts = llm.get_tokenizer().batch_decode([list(o.token_ids) for o in outs], skip_special_tokens=True)
     end = time.time()
     rows = [[text, o.finish_reason, len(o.token_ids)] for text, o in zip(texts, outs)]
-    (folder / "out.json").write_text(json.dumps({"seconds": end - t0, "start": t0, "end": end, "rows": rows,
-                                                 "timing": {**timing, "seconds": end - t0}}))
+    (folder / "out.json").write_text(json.dumps({"start": t0, "end": end, "rows": rows, "timing": timing}))
 
 
 def inspect_here() -> None:
