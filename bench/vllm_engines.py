@@ -73,8 +73,7 @@ def run_setting(setting: str, model, prompts, repeats: int) -> dict:
         kwargs = dict(base)
         if engines > 1:  # as ladder's eval.engines sizes engines that share a GPU (stages/vllm_engine.py)
             kwargs["gpu_memory_utilization"] = round(0.85 / engines, 4)
-            plan = {"tokens": len(share) * longest, "bytes_per_token": vllm_engine.kv_bytes_per_token(model, "bfloat16"),
-                    "weights": vllm_engine.weights_bytes(model)}
+            plan = vllm_engine.kv_plan(model, "bfloat16", len(share), longest)
             kwargs["kv_cache_memory_bytes"] = vllm_engine.kv_cache_bytes(plan, kwargs["gpu_memory_utilization"], longest,
                                                                       vllm_engine.device_memory())
         pid = os.fork()

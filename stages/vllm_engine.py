@@ -184,6 +184,13 @@ def weights_bytes(model: str) -> int:
     return sum(sizes)
 
 
+def kv_plan(model: str, dtype: str, seqs: int, max_model_len: int) -> dict:
+    """What kv_cache_bytes sizes an engine's cache from: `seqs` sequences of max_model_len tokens, the model's bytes
+    per token and its weights."""
+    return {"tokens": seqs * max_model_len, "bytes_per_token": kv_bytes_per_token(model, dtype),
+            "weights": weights_bytes(model)}
+
+
 def kv_cache_bytes(plan: dict, share: float, max_model_len: int, total: int | None) -> int:
     """The KV cache of an engine that shares its GPU: what its sequences need (plan: tokens, bytes_per_token,
     weights), at most its share of the GPU's memory less the weights and RESERVE_BYTES. Given to vLLM as
@@ -334,8 +341,7 @@ def vllm_generate(model: str, prompts: list[list[int]], cfg, stops, sampling: di
             own["gpu_memory_utilization"] = round(float(e.gpu_memory_utilization) / sharing, 4)
             if "kv_cache_memory_bytes" not in extra:
                 seqs = min(len(shard) * int(n), int(extra.get("max_num_seqs") or 1024))
-                job["kv"] = {"tokens": seqs * max_len, "bytes_per_token": kv_bytes_per_token(model, str(e.dtype)),
-                             "weights": weights_bytes(model)}
+                job["kv"] = kv_plan(model, str(e.dtype), seqs, max_len)
         jobs.append({**job, "engine": {**own, **extra}})  # the user's engine_kwargs over ladder's
     child = take(cfg)
     sent = time.time()
