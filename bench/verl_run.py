@@ -89,7 +89,7 @@ def launch(v, model: Path, parquet: Path, work: Path, device: str) -> tuple[list
     out = stage_dir(cfg, "sft")
     shutil.rmtree(out, ignore_errors=True)  # never resume from an earlier bench run
     shutil.rmtree(profile_dir(v, work), ignore_errors=True)
-    cmd = torchrun_command(cfg, "verl.trainer.sft_trainer", trainer_keys(cfg, out, str(parquet), None) + v.verl)
+    cmd = torchrun_command(cfg, "verl.trainer.sft_trainer", trainer_keys(cfg, out, str(parquet), None) + v.verl, out)
     env = environment(cfg, out)
     env.update(item.split("=", 1) for item in v.env)  # NAME=VALUE, checked by variants.expand()
     return cmd, env, out

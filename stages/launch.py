@@ -1,6 +1,6 @@
 """Launching verl's trainers: what SFT and GRPO share between config.yaml and verl's command line.
 
-    launch.torchrun_command(cfg, "verl.trainer.sft_trainer", keys)   # python -m torch.distributed.run …
+    launch.torchrun_command(cfg, "verl.trainer.sft_trainer", keys, out)   # python -m torch.distributed.run …
     launch.environment(cfg, out)                                      # PYTHONPATH, metrics paths, CPU platform
     launch.kernel_keys(cfg, verl_model_block, prefix)                 # attention, liger, fused loss, compile
     launch.trainer_keys(cfg, out, "sft", resume_from)                 # trainer.* keys both trainers take
@@ -129,8 +129,11 @@ def trainer_keys(cfg, out: Path, stage: str, resume_from) -> list[str]:
     return keys
 
 
-def torchrun_command(cfg, module: str, keys: list[str]) -> list[str]:
-    """`python -m torch.distributed.run … -m MODULE keys…` of this interpreter: --standalone on one node."""
+def torchrun_command(cfg, module: str, keys: list[str], out: Path) -> list[str]:
+    """`python -m torch.distributed.run … -m MODULE keys…` of this interpreter: --standalone on one node.
+
+    torchrun's per-launch folder goes to the run's logs/torchrun: by default torchrun makes a torchelastic_* folder
+    in the temp dir for each launch and never removes it."""
     launch = cfg.launch
     if int(launch.nnodes) > 1:
         where = [f"--nnodes={launch.nnodes}", f"--node_rank={launch.node_rank}",
@@ -138,7 +141,7 @@ def torchrun_command(cfg, module: str, keys: list[str]) -> list[str]:
     else:
         where = ["--standalone", "--nnodes=1"]
     return [sys.executable, "-m", "torch.distributed.run", *where, f"--nproc_per_node={launch.n_gpus}",
-            "-m", module, *keys]
+            f"--log-dir={out.resolve() / 'logs' / 'torchrun'}", "-m", module, *keys]
 
 
 def environment(cfg, out: Path) -> dict[str, str]:

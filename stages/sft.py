@@ -188,7 +188,7 @@ def run(cfg) -> int:
     if not cfg.run.dry_run:
         launch.check_device(cfg, "sft")
     train, val = sft_files(cfg, prepare=not cfg.run.dry_run)
-    cmd = launch.torchrun_command(cfg, "verl.trainer.sft_trainer", trainer_keys(cfg, out, train, val))
+    cmd = launch.torchrun_command(cfg, "verl.trainer.sft_trainer", trainer_keys(cfg, out, train, val), out)
     if cfg.run.dry_run:
         env = " ".join(f"{k}={shlex.quote(v)}" for k, v in launch.CPU_ENV.items()) + " " if cfg.launch.device == "cpu" else ""
         print(env + shlex.join(cmd))

@@ -34,6 +34,26 @@ def missing_data(request, what: str, fix: str):
                 pytrace=False)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def temp_dir_of_the_session(tmp_path_factory):
+    """The processes the tests start keep their temp files in the session's folder, which pytest prunes (verl
+    leaves a ckpt_*.lock in the temp dir for each checkpoint folder it makes). torch's compile cache stays where
+    it would be, shared between sessions, and so does Ray's folder (its socket paths must stay under 108 bytes)."""
+    import getpass
+    import tempfile
+
+    system = tempfile.gettempdir()
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(system, f"torchinductor_{getpass.getuser()}"))
+    os.environ.setdefault("RAY_TMPDIR", system)
+    before = os.environ.get("TMPDIR")
+    os.environ["TMPDIR"] = str(tmp_path_factory.mktemp("tmp"))
+    yield
+    if before is None:
+        os.environ.pop("TMPDIR", None)
+    else:
+        os.environ["TMPDIR"] = before
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     """A tiny random Qwen2 model folder with a tokenizer trained in the test session."""

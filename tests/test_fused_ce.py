@@ -240,11 +240,11 @@ def fsdp_worker() -> None:
 
 
 @pytest.mark.slow  # torchrun, two FSDP ranks: 15-25 s on 2 cores
-def test_fsdp_steps_on_two_ranks_match_full_logits_tied_untied_full_and_lora():
+def test_fsdp_steps_on_two_ranks_match_full_logits_tied_untied_full_and_lora(tmp_path):
     """Two ranks: lm_head's gradient must be summed over both (one rank would pass a rank-local gradient)."""
     env = dict(os.environ, PYTHONPATH=str(REPO), CUDA_VISIBLE_DEVICES="")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
-           "tests.test_fused_ce"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           f"--log-dir={tmp_path}", "-m", "tests.test_fused_ce"]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0 and "ok" in proc.stdout.split(), proc.stdout[-2000:] + proc.stderr[-5000:]
 

@@ -133,6 +133,8 @@ def test_two_ranks_killed_resumed_then_extended_at_epoch_boundary(tiny_model, gs
     # ---- 4. a finished run is not launched again, only exported
     assert stages_main([*argv, "--epochs", "2"]) == 0
     assert len(launch.metric_files(out)) == 3 and steps_logged(out) == list(range(1, 13))
+    # torchrun's per-launch folders are the run's, one for each of the three launches (not torchelastic_* in /tmp)
+    assert len(list((out / "logs" / "torchrun").iterdir())) == 3
 
     # ---- the export is a plain HF folder that moved away from the random start and generates
     from safetensors.torch import load_file
@@ -184,6 +186,7 @@ def train_file(tmp_path) -> str:
 def test_dry_run_default_command(capsys, train_file, tmp_path):
     line, config = dry_run(capsys, "--train_data", train_file, f"run.output_dir={tmp_path}", "run.name=x")
     assert line.startswith(f"{sys.executable} -m torch.distributed.run --standalone --nnodes=1 --nproc_per_node=1 "
+                           f"--log-dir={tmp_path.resolve() / 'x' / 'sft' / 'logs' / 'torchrun'} "
                            "-m verl.trainer.sft_trainer ")
     # a CUDA launch without flash-attn: ladder's varlen attention and loss, fused AdamW, 32k-token micro-batches
     libs = CUDA_LIBS[0] if len(CUDA_LIBS) == 1 else f"[{','.join(CUDA_LIBS)}]"
