@@ -214,8 +214,8 @@ class VllmChild:
     import overlaps this process's data prep and tokenizing. They stop when this process is gone
     (plugins.lifeline) or `close()`s them. `devices`: each engine's CUDA_VISIBLE_DEVICES (None: this process's)."""
 
-    def __init__(self, devices: list[str | None] | None = None):
-        self.devices = list(devices or [None])
+    def __init__(self, devices: list[str | None]):
+        self.devices = list(devices)
         self.started = time.time()
         self.dirs, self.procs = [], []
         for device in self.devices:
@@ -273,12 +273,12 @@ class VllmChild:
 _early: VllmChild | None = None  # prestart's engines, until vllm_generate takes them
 
 
-def prestart(cfg=None) -> None:
-    """Start the vLLM engines' processes now (placements(cfg); one without cfg), before the data and prompts are
+def prestart(cfg) -> None:
+    """Start the vLLM engines' processes now (placements(cfg)), before the data and prompts are
     ready (evaluate.run calls this once it knows the backend is vllm); the next vllm_generate uses them. `release()`
     stops them if nothing did."""
     global _early
-    _early = _early or VllmChild(placements(cfg) if cfg is not None else None)
+    _early = _early or VllmChild(placements(cfg))
 
 
 def prestart_before_training(cfg) -> None:
@@ -289,12 +289,12 @@ def prestart_before_training(cfg) -> None:
         prestart(cfg)
 
 
-def take(cfg=None) -> VllmChild:
+def take(cfg) -> VllmChild:
     """The prestarted engines (if they are placed as cfg now asks), or new ones."""
     global _early
-    want = placements(cfg) if cfg is not None else None
+    want = placements(cfg)
     child, _early = _early, None
-    if child is not None and want is not None and child.devices != want:
+    if child is not None and child.devices != want:
         child.close()
         child = None
     return child or VllmChild(want)

@@ -271,7 +271,8 @@ def test_the_chain_starts_the_next_vllm_child_before_each_training_stage(gsm8k_d
     started, closed, seen = [], [], []
 
     class Child:  # vllm_engine.VllmChild's stand-in
-        def __init__(self, *devices):
+        def __init__(self, devices):
+            self.devices = devices
             started.append(self)
 
         def close(self):
@@ -280,7 +281,7 @@ def test_the_chain_starts_the_next_vllm_child_before_each_training_stage(gsm8k_d
     def stage(cfg, name, fail=""):
         seen.append((name, vllm_engine._early))
         if name != "eval":  # (the eval stage starts a child of its own: evaluate.run)
-            vllm_engine.take()  # what the generation after the training does (the rung's eval, EI's sampling)
+            vllm_engine.take(cfg)  # what the generation after the training does (the rung's eval, EI's sampling)
         if name == fail:
             return 1
         folder = tmp_path / "u" / name

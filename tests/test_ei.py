@@ -171,7 +171,8 @@ def test_a_rounds_vllm_eval_child_imports_during_the_rounds_training(tiny_model,
     started, closed, seen = [], [], []
 
     class Child:  # vllm_engine.VllmChild's stand-in: records its start and its close
-        def __init__(self, *devices):
+        def __init__(self, devices):
+            self.devices = devices
             started.append(self)
 
         def close(self):
