@@ -275,7 +275,8 @@ def run(cfg) -> int:
     if cfg.run.dry_run:
         print(json.dumps({"init": init, "output_dir": str(out), "eval": dict(cfg.eval),
                           # vllm: each engine's CUDA_VISIBLE_DEVICES (null: all of this process's)
-                          "vllm_engines": vllm_engine.placements(cfg)}, indent=2, default=str))
+                          "vllm_engines": vllm_engine.placements(cfg),
+                          "vllm_engines_why": vllm_engine.engines_why(cfg)}, indent=2, default=str))
         return 0
     # ---- everything that can be wrong is found before the first token is generated
     sampling(cfg)

@@ -9,13 +9,16 @@ Engine arguments: max_model_len is the longest prompt + eval.max_new_tokens unle
 eval.cuda_graphs picks eager mode, CUDA graphs of the decode steps, or vLLM's compiled default; eval.engine_kwargs adds
 or overrides any other engine argument; eval.engines runs several engines at once, each an interleaved share of the
 prompts (placements: one per group of eval.tensor_parallel_size GPUs, engines beyond them sharing a GPU with a share of
-its memory and a KV cache sized for their sequences).
+its memory and a KV cache sized for their sequences); auto, the default, is one per GPU group, two on a lone GPU
+for a small model (auto_engines).
 """
 from __future__ import annotations
 
 import atexit
+import functools
 import importlib.util
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -126,11 +129,78 @@ def vllm_engine_args() -> frozenset[str]:
 
 
 def engines(cfg) -> int:
-    """eval.engines, checked: a bad value stops here, naming the key."""
-    n = cfg.eval.get("engines", 1)
+    """eval.engines, checked (a bad value stops here, naming the key), `auto` decided (auto_engines)."""
+    n = cfg.eval.get("engines", "auto")
+    if n == "auto":
+        return auto_engines(cfg)[0]
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise VllmError(f"eval.engines={n}: the number of vLLM engines generating at once, 1 or more")
+        raise VllmError(f"eval.engines={n}: auto, or the number of vLLM engines generating at once, 1 or more")
     return n
+
+
+# eval.engines=auto runs two engines on one GPU for a model of at most this much weight (measured for the 0.5B model,
+# 1.2 GiB: two engines generated its GSM8K eval in 0.57-0.70x the time of one, docs/benchmarks.md; a larger model's
+# steps are more GPU work, which two engines on one GPU take turns at), when each engine's half of the memory share
+# keeps AUTO_MIN_KV_BYTES for its KV cache beside the weights and RESERVE_BYTES
+AUTO_TWO_MAX_WEIGHTS = 2 << 30
+AUTO_MIN_KV_BYTES = 4 << 30
+
+
+def auto_engines(cfg) -> tuple[int, str]:
+    """eval.engines=auto: (engines, why). One engine per group of eval.tensor_parallel_size visible GPUs; with one
+    group, two engines on it for a small model (AUTO_TWO_MAX_WEIGHTS) when the GPU's memory has room for both; one
+    when no GPU, model size or GPU memory can be read."""
+    tp, gpus = int(cfg.eval.tensor_parallel_size), visible_gpus()
+    groups = len(gpus) // tp
+    if groups > 1:
+        return groups, f"one engine per group of {tp} of the {len(gpus)} visible GPUs"
+    if groups < 1:
+        return 1, "no GPU seen (or fewer than eval.tensor_parallel_size)"
+    weights = model_weights_bytes(cfg)
+    if not weights:
+        return 1, "the model's size is not known here"
+    if weights > AUTO_TWO_MAX_WEIGHTS:
+        return 1, f"one GPU; the model's weights ({weights / 2**30:.1f} GiB) are more than {AUTO_TWO_MAX_WEIGHTS >> 30} GiB"
+    total = gpu_memory_bytes(gpus[0]) if tp == 1 else None
+    if total is None:
+        return 1, "one GPU whose memory is not known (nvidia-smi)"
+    room = int(float(cfg.eval.gpu_memory_utilization) / 2 * total) - weights - RESERVE_BYTES
+    if room < AUTO_MIN_KV_BYTES:
+        return 1, (f"one GPU of {total / 2**30:.0f} GiB: half of eval.gpu_memory_utilization leaves "
+                   f"{max(room, 0) / 2**30:.1f} GiB of KV cache, less than {AUTO_MIN_KV_BYTES >> 30} GiB")
+    return 2, (f"one GPU of {total / 2**30:.0f} GiB and a small model ({weights / 2**30:.1f} GiB of weights): two "
+               "engines share it, each generating half the prompts")
+
+
+def engines_why(cfg) -> str:
+    """How eval.engines was decided, for --dry_run."""
+    if cfg.eval.get("engines", "auto") != "auto":
+        return f"eval.engines={cfg.eval.engines}, as set"
+    n, why = auto_engines(cfg)
+    return f"auto: {n} ({why})"
+
+
+def model_weights_bytes(cfg) -> int:
+    """The weights of the model the generation serves, as its engine holds them (weights_bytes), found before it
+    loads: eval's --init (or its exported hf/ folder), else model.path (a chain's next checkpoint, not written yet, has the same size); 0 when none is here."""
+    init = cfg.model.get("init")
+    for where in ([str(init), str(Path(str(init)) / "hf")] if init else []) + [str(cfg.model.path)]:
+        size = weights_bytes(where, str(cfg.eval.dtype))
+        if size:
+            return size
+    return 0
+
+
+@functools.lru_cache(maxsize=None)
+def gpu_memory_bytes(device: str) -> int | None:
+    """Total memory of one GPU, named as CUDA_VISIBLE_DEVICES names it (an index or a UUID), from nvidia-smi (no
+    CUDA context, no torch); None when it cannot tell."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits", "-i", device],
+                             capture_output=True, text=True, timeout=30, check=True).stdout
+        return int(out.split()[0]) << 20
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        return None
 
 
 def visible_gpus() -> list[str]:
@@ -170,8 +240,11 @@ def kv_bytes_per_token(model: str, dtype: str) -> int:
     return 2 * c.num_hidden_layers * heads * head_dim * (4 if dtype in ("float32", "float") else 2)
 
 
-def weights_bytes(model: str) -> int:
-    """The size of a model's weight files (a local folder, or the hub's cache for a hub id; 0 when not found)."""
+def weights_bytes(model: str, dtype: str) -> int:
+    """The model's weights as an engine holds them in `dtype`: the parameter count, read from the safetensors
+    headers, times the dtype's bytes (an exported checkpoint keeps verl's fp32, twice what a bf16 engine holds); the
+    .bin files' size where there are no safetensors; 0 when the model is not found (a local folder, or the hub's
+    cache for a hub id)."""
     folder = Path(model)
     if not folder.is_dir():
         try:
@@ -180,15 +253,28 @@ def weights_bytes(model: str) -> int:
             folder = Path(snapshot_download(model, local_files_only=True))
         except Exception:  # noqa: BLE001 (not cached: the engine's own check applies)
             return 0
-    sizes = [p.stat().st_size for p in folder.glob("*.safetensors")] or [p.stat().st_size for p in folder.glob("*.bin")]
-    return sum(sizes)
+    shards = sorted(folder.glob("*.safetensors"))
+    if not shards:
+        return sum(p.stat().st_size for p in folder.glob("*.bin"))
+    return sum(safetensors_parameters(p) for p in shards) * (4 if dtype in ("float32", "float") else 2)
+
+
+def safetensors_parameters(path: Path) -> int:
+    """The number of values in a safetensors file, from its header (8 bytes of length, then JSON: each tensor's
+    shape); the file's size in bytes / 2 when the header cannot be read (the weights' loader names that file)."""
+    try:
+        with open(path, "rb") as f:
+            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+        return sum(math.prod(t["shape"]) for name, t in header.items() if name != "__metadata__")
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return path.stat().st_size // 2
 
 
 def kv_plan(model: str, dtype: str, seqs: int, max_model_len: int) -> dict:
     """What kv_cache_bytes sizes an engine's cache from: `seqs` sequences of max_model_len tokens, the model's bytes
     per token and its weights."""
     return {"tokens": seqs * max_model_len, "bytes_per_token": kv_bytes_per_token(model, dtype),
-            "weights": weights_bytes(model)}
+            "weights": weights_bytes(model, dtype)}
 
 
 def kv_cache_bytes(plan: dict, share: float, max_model_len: int, total: int | None) -> int:

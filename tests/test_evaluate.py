@@ -459,6 +459,95 @@ def test_engine_placements(visible, engines, tp, want, monkeypatch):
     assert vllm_engine.placements(cfg) == want
 
 
+GIB = 1 << 30
+
+
+@pytest.mark.parametrize("gpus, tp, weights, memory, want, why", [
+    ([], 1, 1.2, 141, 1, "no GPU seen"),
+    (["0", "1", "2", "3"], 1, 1.2, 141, 4, "one engine per group of 1 of the 4 visible GPUs"),
+    (["0", "1", "2", "3"], 2, 9.0, 141, 2, "one engine per group of 2 of the 4 visible GPUs"),
+    (["0"], 1, 1.2, 141, 2, "one GPU of 141 GiB and a small model (1.2 GiB of weights): two engines share it"),
+    (["0"], 1, 1.2, 24, 2, "one GPU of 24 GiB"),  # each half: 10.2 GiB - 1.2 - 3 = 6 GiB of KV cache
+    (["0"], 1, 3.1, 141, 1, "the model's weights (3.1 GiB) are more than 2 GiB"),
+    (["0"], 1, 1.2, 16, 1, "leaves 2.6 GiB of KV cache, less than 4 GiB"),
+    (["0"], 1, 1.2, None, 1, "memory is not known"),
+    (["0"], 1, 0, 141, 1, "the model's size is not known here"),
+    (["0", "1"], 2, 1.2, 141, 1, "one GPU whose memory is not known"),  # one group of 2: tensor parallel, one engine
+])
+def test_auto_engines(gpus, tp, weights, memory, want, why, monkeypatch):
+    """eval.engines=auto: one engine per GPU group; on one GPU, two for a model of at most 2 GiB when each half of the
+    memory share keeps 4 GiB of KV cache beside the weights; one whenever the GPUs, the model or the memory are
+    not known."""
+    monkeypatch.setattr(vllm_engine, "visible_gpus", lambda: gpus)
+    monkeypatch.setattr(vllm_engine, "model_weights_bytes", lambda cfg: int(weights * GIB))
+    monkeypatch.setattr(vllm_engine, "gpu_memory_bytes", lambda device: memory and memory * GIB)
+    cfg = load_config("eval", [f"eval.tensor_parallel_size={tp}"])
+    assert cfg.eval.engines == "auto"  # the default
+    n, reason = vllm_engine.auto_engines(cfg)
+    assert (n, why in reason) == (want, True), reason
+    assert vllm_engine.engines(cfg) == want and len(vllm_engine.placements(cfg)) == want
+
+
+def test_auto_sizes_the_model_to_be_generated_from_its_folder(tiny_model, tmp_path):
+    """The size auto goes by: the weights as the engine holds them (parameters x eval.dtype's bytes: the tiny model
+    is stored in fp32, as verl exports a checkpoint, twice what a bf16 engine holds), of --init, or of its exported
+    hf/ folder (a run's stage folder), else of model.path (a chain's next checkpoint, not written yet, is the same
+    model)."""
+    from safetensors import safe_open
+
+    values = 0
+    for shard in tiny_model.glob("*.safetensors"):
+        with safe_open(str(shard), "pt") as f:
+            values += sum(int(np.prod(f.get_slice(k).get_shape())) for k in f.keys())
+    stored = sum(p.stat().st_size for p in tiny_model.glob("*.safetensors"))
+    assert values > 0 and stored > 3 * values  # fp32 on disk
+    stage = tmp_path / "run" / "sft"
+    shutil.copytree(tiny_model, stage / "hf")
+    for init, path, dtype, want in [(tiny_model, "nowhere", "bfloat16", 2 * values),
+                                    (tiny_model, "nowhere", "float32", 4 * values),
+                                    (stage, "nowhere", "bfloat16", 2 * values),
+                                    (tmp_path / "not_written_yet", tiny_model, "bfloat16", 2 * values),
+                                    (tmp_path / "none", tmp_path / "no", "bfloat16", 0)]:
+        cfg = load_config("eval", [f"model.init={init}", f"model.path={path}", f"eval.dtype={dtype}"])
+        assert vllm_engine.model_weights_bytes(cfg) == want, (init, dtype)
+
+
+def test_gpu_memory_is_read_with_nvidia_smi(tmp_path, monkeypatch):
+    smi = tmp_path / "bin" / "nvidia-smi"
+    smi.parent.mkdir()
+    smi.write_text('#!/bin/sh\n[ "$3 $4" = "-i 0" ] && echo 143771 && exit 0\necho "No devices were found" >&2; exit 6\n')
+    smi.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{smi.parent}{os.pathsep}{os.environ['PATH']}")
+    vllm_engine.gpu_memory_bytes.cache_clear()
+    try:
+        assert vllm_engine.gpu_memory_bytes("0") == 143771 << 20
+        assert vllm_engine.gpu_memory_bytes("7") is None
+        monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+        vllm_engine.gpu_memory_bytes.cache_clear()
+        assert vllm_engine.gpu_memory_bytes("0") is None  # no nvidia-smi
+    finally:
+        vllm_engine.gpu_memory_bytes.cache_clear()
+
+
+def test_auto_runs_two_engines_on_one_gpu_for_a_small_model(tiny_model, tmp_path, monkeypatch, capsys):
+    """The default on one 80 GiB GPU and the tiny model: --dry_run names the choice; the eval's generation runs in
+    two engine processes on that GPU, each with half the memory share, its KV cache sized for its half."""
+    fake_vllm(monkeypatch, tmp_path, "echo")
+    monkeypatch.setattr(vllm_engine, "visible_gpus", lambda: ["0"])
+    monkeypatch.setattr(vllm_engine, "gpu_memory_bytes", lambda device: 80 * GIB)
+    assert stages_main(["--stage", "eval", "--backend", "vllm", "--init", str(tiny_model), "--dry_run"]) == 0
+    out = capsys.readouterr().out
+    shown = json.loads(out[out.index("{"):])
+    assert shown["vllm_engines"] == ["0", "0"]
+    assert shown["vllm_engines_why"].startswith("auto: 2 (one GPU of 80 GiB and a small model (0.0 GiB of weights)")
+    cfg = load_config("eval", ["eval.backend=vllm", "eval.max_new_tokens=8", f"model.init={tiny_model}"])
+    gens, _ = generate.generate(cfg, str(tiny_model), None, [[5], [6], [7]], [])
+    assert [g.text for g in gens] == ["echo 5", "echo 6", "echo 7"]
+    seen = engines_seen(tmp_path)
+    assert [(s["cuda"], s["llm"]["gpu_memory_utilization"]) for s in seen] == [("0", 0.425), ("0", 0.425)]
+    assert [len(s["prompts"]) for s in seen] == [2, 1]
+
+
 def test_an_engines_kv_cache_is_its_need_within_its_share():
     plan = {"tokens": 1000, "bytes_per_token": 1 << 20, "weights": 2 << 30}  # needs 1000 MiB
     total = 80 << 30
@@ -525,7 +614,8 @@ def test_more_engines_than_prompts(tiny_model, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("value", ["0", "two", "1.5", "true"])
 def test_a_bad_eval_engines_is_named_before_any_model_loads(value, tmp_path):
-    with pytest.raises(SystemExit, match=f"eval.engines={value.capitalize() if value == 'true' else value}: the number"):
+    with pytest.raises(SystemExit, match=f"eval.engines={value.capitalize() if value == 'true' else value}: auto, or "
+                                         "the number"):
         stages_main([*EVAL, "--init", str(tmp_path / "no_model"), f"eval.engines={value}"])
 
 
