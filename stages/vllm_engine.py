@@ -150,21 +150,21 @@ def auto_engines(cfg) -> tuple[int, str]:
     """eval.engines=auto: (engines, why). One engine per group of eval.tensor_parallel_size visible GPUs; with one
     group, two engines on it for a small model (AUTO_TWO_MAX_WEIGHTS) when the GPU's memory has room for both; one
     when no GPU, model size or GPU memory can be read."""
-    tp, gpus = int(cfg.eval.tensor_parallel_size), visible_gpus()
-    groups = len(gpus) // tp
-    if groups > 1:
-        return groups, f"one engine per group of {tp} of the {len(gpus)} visible GPUs"
-    if groups < 1:
+    tp, groups = int(cfg.eval.tensor_parallel_size), gpu_groups(cfg)
+    if len(groups) > 1:
+        return len(groups), f"one engine per group of {tp} of the {len(groups) * tp} visible GPUs"
+    if not groups:
         return 1, "no GPU seen (or fewer than eval.tensor_parallel_size)"
     weights = model_weights_bytes(cfg)
     if not weights:
         return 1, "the model's size is not known here"
     if weights > AUTO_TWO_MAX_WEIGHTS:
-        return 1, f"one GPU; the model's weights ({weights / 2**30:.1f} GiB) are more than {AUTO_TWO_MAX_WEIGHTS >> 30} GiB"
-    total = gpu_memory_bytes(gpus[0]) if tp == 1 else None
+        return 1, (f"one GPU; the model's weights ({weights / 2**30:.1f} GiB) are more than "
+                   f"{AUTO_TWO_MAX_WEIGHTS >> 30} GiB")
+    total = gpu_memory_bytes(groups[0]) if tp == 1 else None
     if total is None:
         return 1, "one GPU whose memory is not known (nvidia-smi)"
-    room = int(float(cfg.eval.gpu_memory_utilization) / 2 * total) - weights - RESERVE_BYTES
+    room = kv_room(float(cfg.eval.gpu_memory_utilization) / 2, total, weights)
     if room < AUTO_MIN_KV_BYTES:
         return 1, (f"one GPU of {total / 2**30:.0f} GiB: half of eval.gpu_memory_utilization leaves "
                    f"{max(room, 0) / 2**30:.1f} GiB of KV cache, less than {AUTO_MIN_KV_BYTES >> 30} GiB")
@@ -182,7 +182,8 @@ def engines_why(cfg) -> str:
 
 def model_weights_bytes(cfg) -> int:
     """The weights of the model the generation serves, as its engine holds them (weights_bytes), found before it
-    loads: eval's --init (or its exported hf/ folder), else model.path (a chain's next checkpoint, not written yet, has the same size); 0 when none is here."""
+    loads: eval's --init (or its exported hf/ folder), else model.path (a chain's next checkpoint, not written yet,
+    has the same size); 0 when none is here."""
     init = cfg.model.get("init")
     for where in ([str(init), str(Path(str(init)) / "hf")] if init else []) + [str(cfg.model.path)]:
         size = weights_bytes(where, str(cfg.eval.dtype))
@@ -218,14 +219,30 @@ def placements(cfg) -> list[str | None]:
     n = engines(cfg)
     if n == 1:
         return [None]
-    tp, gpus = int(cfg.eval.tensor_parallel_size), visible_gpus()
-    groups = [",".join(gpus[g * tp:(g + 1) * tp]) for g in range(len(gpus) // tp)]
+    groups = gpu_groups(cfg)
     return [groups[i % len(groups)] if groups else None for i in range(n)]
+
+
+def gpu_groups(cfg) -> list[str]:
+    """The visible GPUs in groups of eval.tensor_parallel_size, each as CUDA_VISIBLE_DEVICES names it ("4,5")."""
+    tp, gpus = int(cfg.eval.tensor_parallel_size), visible_gpus()
+    return [",".join(gpus[g * tp:(g + 1) * tp]) for g in range(len(gpus) // tp)]
 
 
 # Beside the weights and the KV cache, the 0.5B model's engine held 2.9 GiB on the H200 (activations of a 16k-token
 # step, CUDA context, sampler): the room an engine that shares its GPU keeps for them
 RESERVE_BYTES = 3 << 30
+
+
+def kv_room(share: float, total: int, weights: int) -> int:
+    """What an engine's `share` of a GPU of `total` bytes leaves for its KV cache beside the weights and
+    RESERVE_BYTES (negative: not even that)."""
+    return int(share * total) - weights - RESERVE_BYTES
+
+
+def dtype_bytes(dtype: str) -> int:
+    """Bytes of one value in eval.dtype (bfloat16 and float16: 2, float32: 4)."""
+    return 4 if dtype in ("float32", "float") else 2
 
 
 def kv_bytes_per_token(model: str, dtype: str) -> int:
@@ -237,7 +254,7 @@ def kv_bytes_per_token(model: str, dtype: str) -> int:
     c = c.get_text_config() if hasattr(c, "get_text_config") else c
     heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    return 2 * c.num_hidden_layers * heads * head_dim * (4 if dtype in ("float32", "float") else 2)
+    return 2 * c.num_hidden_layers * heads * head_dim * dtype_bytes(dtype)
 
 
 def weights_bytes(model: str, dtype: str) -> int:
@@ -256,17 +273,18 @@ def weights_bytes(model: str, dtype: str) -> int:
     shards = sorted(folder.glob("*.safetensors"))
     if not shards:
         return sum(p.stat().st_size for p in folder.glob("*.bin"))
-    return sum(safetensors_parameters(p) for p in shards) * (4 if dtype in ("float32", "float") else 2)
+    return sum(safetensors_parameters(p) for p in shards) * dtype_bytes(dtype)
 
 
 def safetensors_parameters(path: Path) -> int:
-    """The number of values in a safetensors file, from its header (8 bytes of length, then JSON: each tensor's
-    shape); the file's size in bytes / 2 when the header cannot be read (the weights' loader names that file)."""
+    """The number of values in a safetensors file, from the shapes in its header (safetensors reads no tensor for
+    them); the file's size in bytes / 2 when it cannot be read (the weights' loader names that file)."""
+    from safetensors import safe_open
+
     try:
-        with open(path, "rb") as f:
-            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
-        return sum(math.prod(t["shape"]) for name, t in header.items() if name != "__metadata__")
-    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        with safe_open(str(path), "numpy") as f:
+            return sum(math.prod(f.get_slice(name).get_shape()) for name in f.keys())
+    except Exception:  # noqa: BLE001 (safetensors' own error types vary by version)
         return path.stat().st_size // 2
 
 
@@ -285,7 +303,7 @@ def kv_cache_bytes(plan: dict, share: float, max_model_len: int, total: int | No
     need = plan["tokens"] * plan["bytes_per_token"]
     if total is None:
         return need
-    room = int(share * total) - plan["weights"] - RESERVE_BYTES
+    room = kv_room(share, total, plan["weights"])
     if room < max_model_len * plan["bytes_per_token"]:
         raise VllmError(f"eval.engines: an engine's share of the GPU ({share:.3f} of {total / 2**30:.0f} GiB) "
                         f"has no room for one sequence's KV cache beside the weights "

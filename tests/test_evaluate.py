@@ -515,7 +515,8 @@ def test_auto_sizes_the_model_to_be_generated_from_its_folder(tiny_model, tmp_pa
 def test_gpu_memory_is_read_with_nvidia_smi(tmp_path, monkeypatch):
     smi = tmp_path / "bin" / "nvidia-smi"
     smi.parent.mkdir()
-    smi.write_text('#!/bin/sh\n[ "$3 $4" = "-i 0" ] && echo 143771 && exit 0\necho "No devices were found" >&2; exit 6\n')
+    smi.write_text('#!/bin/sh\n[ "$3 $4" = "-i 0" ] && echo 143771 && exit 0\n'
+                   'echo "No devices were found" >&2; exit 6\n')
     smi.chmod(0o755)
     monkeypatch.setenv("PATH", f"{smi.parent}{os.pathsep}{os.environ['PATH']}")
     vllm_engine.gpu_memory_bytes.cache_clear()
